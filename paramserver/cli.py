@@ -1,0 +1,117 @@
+"""`ps-server` and `ps-sim`: the server's and the simulation's command lines."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import admin, cluster, codecs, tasks
+from . import log as logsetup
+from .errors import ConfigError
+from .options import RUN_OPTIONS, TIMEOUT_OPTIONS, apply, friendly, opt, run_config, timeouts
+
+LOG_LEVEL = opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+
+
+def _check(run) -> None:
+    codecs.get(run.codec)
+    tasks.build(run.task, run.seed)  # fail here, with the task's own error, not in a child
+
+
+@click.group(context_settings={"show_default": True})
+def server():
+    """The parameter server: a coordinator and its shards."""
+
+
+@server.command()
+@opt("--host", "HOST", default="127.0.0.1", help="interface to bind; the default keeps the server on this machine")
+@opt("--port", "PORT", default=5555, type=click.IntRange(0, 65535),
+     help="coordinator port; shard i binds port+1+i (0: random ports)")
+@opt("--shards", "SHARDS", default=1, type=click.IntRange(min=1), help="number of shard processes")
+@opt("--max-steps", "MAX_STEPS", default=0, type=click.IntRange(min=0),
+     help="end the run after this many applied updates (a bsp round is one); 0: run until stopped")
+@apply(RUN_OPTIONS)
+@apply(TIMEOUT_OPTIONS)
+@LOG_LEVEL
+@friendly
+def start(host, port, shards, max_steps, log_level, **kw):
+    """Start the coordinator and SHARDS shard processes; run until stopped or --max-steps."""
+    logsetup.setup(log_level)
+    t, run = timeouts(kw), run_config(kw, max_steps)
+    _check(run)
+
+    def ready(address):
+        click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
+
+    final = cluster.serve(run, host, port, shards, t, log_level, on_ready=ready)
+    click.echo(f"run ended after {final['updates']} updates", err=True)
+
+
+@server.command()
+@opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address")
+@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
+@opt("--timeout", "STATUS_TIMEOUT", default=5.0, type=float)
+@friendly
+def status(server, as_json, timeout):
+    """Show live workers, their clocks and heartbeats, and what a round waits for."""
+    info = admin.status(server, timeout)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"{info['state']}  updates={info['updates']}  consistency={info['config']['consistency']}")
+    if info["waiting_for"]:
+        click.echo(f"round waiting for workers {info['waiting_for']}")
+    click.echo(f"{'id':>4} {'host':<20} {'clock':>7} {'loss':>8} {'steps/s':>8} {'last seen':>9}")
+    for w in info["workers"]:
+        click.echo(f"{w['id']:>4} {w['host'][:20]:<20} {w['clock']:>7} {w['loss']:>8.4f} {w['steps_per_s']:>8.1f} {w['last_seen']:>8.1f}s")
+
+
+@server.command()
+@opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address")
+@friendly
+def stop(server):
+    """End the run: workers are told to finish, then every server process exits."""
+    admin.stop(server)
+    click.echo("stop requested", err=True)
+
+
+@click.group(context_settings={"show_default": True})
+def sim():
+    """Local multi-process simulations."""
+
+
+@sim.command("run")
+@opt("--workers", "SIM_WORKERS", default=4, type=click.IntRange(min=1))
+@opt("--shards", "SHARDS", default=2, type=click.IntRange(min=1))
+@opt("--steps", "SIM_STEPS", default=300, type=click.IntRange(min=1), help="steps per worker")
+@opt("--report", "SIM_REPORT", default="runs/sim", help="folder for report.json")
+@opt("--delays", "SIM_DELAYS", default="", help="extra seconds per step for each worker, e.g. 0,0,0,0.02")
+@opt("--timeout", "SIM_TIMEOUT", default=900.0, type=float, help="deadline for the whole run")
+@apply(RUN_OPTIONS)
+@apply(TIMEOUT_OPTIONS)
+@opt("--log-level", "LOG_LEVEL", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--progress/--no-progress", default=True)
+@friendly
+def sim_run(workers, shards, steps, report, delays, timeout, log_level, progress, **kw):
+    """Start a server and WORKERS workers as processes, train, evaluate, write a report."""
+    from .sim import SimConfig, simulate
+
+    logsetup.setup(log_level)
+    t, run = timeouts(kw), run_config(kw)
+    _check(run)
+    cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
+                    timeout=timeout, progress=progress, log_level=log_level, timeouts=t)
+    result = simulate(run, cfg)
+    click.echo(f"final test accuracy {result['final_accuracy']:.4f} ({run.consistency}, {workers} workers, "
+               f"{shards} shards, {result['train_seconds']:.1f}s training)")
+    click.echo(f"report: {report}/report.json")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--delays takes comma-separated seconds, got {text!r}") from None
+
+

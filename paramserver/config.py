@@ -1,0 +1,118 @@
+"""Configuration: frozen dataclasses, the one source of every default.
+
+Every timeout has a name and a default here, and nowhere else. The CLIs expose
+these fields as click options that also read `PS_*` environment variables
+(see docs/operations.md for the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+CONSISTENCY_HELP = "bsp | asp | ssp:S (S = bounded staleness in clocks)"
+OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
+AGGREGATES = ("mean",)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    # a worker that misses heartbeats this long leaves `live` and every barrier;
+    # the issue bounds it at 5 s so that a crash never stalls BSP for long
+    heartbeat_interval: float = 0.5
+    heartbeat_timeout: float = 3.0
+    # one request/reply attempt on the data or control path
+    request_timeout: float = 10.0
+    # a pull deferred by bsp/ssp waits at most this long on the shard, then gets
+    # an error reply and the worker asks again (membership will have moved on)
+    pull_wait: float = 30.0
+    # a worker keeps trying to reach a server that is not (yet) there this long
+    connect_timeout: float = 60.0
+    # after the run ends, how long the coordinator waits for workers to say goodbye
+    shutdown_grace: float = 5.0
+    # how long a launcher waits for a spawned shard to bind and report its address
+    startup: float = 60.0
+
+
+@dataclass(frozen=True)
+class Consistency:
+    mode: str = "bsp"  # bsp | asp | ssp
+    staleness: int = 0  # only for ssp
+
+    @classmethod
+    def parse(cls, text: str) -> Consistency:
+        text = text.strip().lower()
+        if text in ("bsp", "asp"):
+            return cls(text, 0)
+        if text.startswith("ssp:"):
+            try:
+                s = int(text[4:])
+            except ValueError:
+                s = -1
+            if s >= 0:
+                return cls("ssp", s)
+        raise ConfigError(f"unknown consistency {text!r}: use {CONSISTENCY_HELP}")
+
+    def __str__(self) -> str:
+        return f"ssp:{self.staleness}" if self.mode == "ssp" else self.mode
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 3e-3  # adam on digits reaches 0.95 in ~300 bsp rounds of 4x32
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.name!r}: use one of {', '.join(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What the coordinator tells every worker at join, and what shards run with."""
+
+    task: str = "digits-mlp"
+    consistency: Consistency = field(default_factory=Consistency)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    batch_size: int = 32
+    seed: int = 0
+    # 0: every worker samples the whole training set with its own seed;
+    # P > 0: worker i trains on partition i mod P only (data stays local)
+    partitions: int = 0
+    # 0 means no limit; a bsp round counts as one update, in asp/ssp each applied push
+    max_steps: int = 0
+    codec: str = "none"
+    aggregate: str = "mean"
+    # 1M float32 = 4 MB: the frame size the transport is fastest with (DESIGN.md)
+    chunk_elems: int = 1 << 20
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError("batch size must be >= 1")
+        if self.max_steps < 0 or self.partitions < 0:
+            raise ConfigError("max steps and partitions must be >= 0")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"unknown aggregate {self.aggregate!r}: use one of {', '.join(AGGREGATES)}")
+        if self.chunk_elems < 1024:
+            raise ConfigError("chunk size must be at least 1024 elements")
+
+    def to_wire(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["consistency"] = str(self.consistency)
+        return d
+
+    @classmethod
+    def from_wire(cls, d: dict) -> RunConfig:
+        try:
+            d = dict(d)
+            d["consistency"] = Consistency.parse(d["consistency"])
+            d["optimizer"] = OptimizerConfig(**d["optimizer"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"bad run config from server: {e}") from e

@@ -1,0 +1,81 @@
+"""Consistency modes as pure rules: values in, decisions out (no sockets, no clocks).
+
+DESIGN.md defines them; here, per shard:
+
+- bsp: round r closes when every live worker has pushed clock r; the update is
+  the aggregate (mean by default) of the round's gradients. A pull waits only
+  while the puller's own push for the open round is pending.
+- asp: every push is applied on arrival; pulls never wait.
+- ssp:s: pushes applied on arrival; a pull at clock c waits while
+  c - min(clock of live workers) > s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+import torch
+
+from .config import Consistency
+
+APPLY, QUEUE, STALE, DUPLICATE = "apply", "queue", "stale", "duplicate"
+
+
+class Bsp:
+    name = "bsp"
+
+    def on_push(self, worker: int, clock: int, round_: int, pending: Collection[int]) -> str:
+        if clock != round_:
+            return STALE
+        return DUPLICATE if worker in pending else QUEUE
+
+    def round_ready(self, live: Collection[int], pending: Collection[int]) -> bool:
+        return bool(pending) and all(w in pending for w in live)
+
+    def pull_ready(self, worker: int, clock: int, clocks: Mapping[int, int], pending: Collection[int]) -> bool:
+        return worker not in pending
+
+
+class Asp:
+    name = "asp"
+
+    def on_push(self, worker, clock, round_, pending) -> str:
+        return APPLY
+
+    def round_ready(self, live, pending) -> bool:
+        return False
+
+    def pull_ready(self, worker, clock, clocks, pending) -> bool:
+        return True
+
+
+class Ssp(Asp):
+    name = "ssp"
+
+    def __init__(self, staleness: int):
+        self.staleness = staleness
+
+    def pull_ready(self, worker, clock, clocks, pending) -> bool:
+        # clocks holds live workers only; an empty table never blocks
+        return not clocks or clock - min(clocks.values()) <= self.staleness
+
+
+def policy(consistency: Consistency):
+    if consistency.mode == "bsp":
+        return Bsp()
+    if consistency.mode == "asp":
+        return Asp()
+    return Ssp(consistency.staleness)
+
+
+def mean(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Coordinate-wise mean of same-shape gradients: shape (n,) each -> (n,)."""
+    if len(grads) == 1:
+        return grads[0]
+    out = grads[0].clone()
+    for g in grads[1:]:
+        out.add_(g)
+    return out.div_(len(grads))
+
+
+AGGREGATORS = {"mean": mean}

@@ -1,0 +1,86 @@
+"""Click options shared by the CLIs, built from the config dataclasses' defaults.
+
+Every option reads a `PS_*` environment variable (shown in --help); the table
+is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from .config import CONSISTENCY_HELP, OPTIMIZERS, Consistency, OptimizerConfig, RunConfig, Timeouts
+from .errors import ConfigError
+
+_RUN, _OPT, _TIME = RunConfig(), OptimizerConfig(), Timeouts()
+
+
+def opt(name: str, env: str, **kw):
+    return click.option(name, envvar=f"PS_{env}", show_envvar=True, show_default=True, **kw)
+
+
+RUN_OPTIONS = [
+    opt("--task", "TASK", default=_RUN.task, help="digits-mlp, digits-cnn, or package.module:build"),
+    opt("--consistency", "CONSISTENCY", default=str(_RUN.consistency), help=CONSISTENCY_HELP),
+    opt("--optimizer", "OPTIMIZER", default=_OPT.name, type=click.Choice(OPTIMIZERS), help="server-side torch.optim optimizer"),
+    opt("--lr", "LR", default=_OPT.lr, type=float, help="learning rate (per applied update; bsp averages, so it does not scale with workers)"),
+    opt("--momentum", "MOMENTUM", default=_OPT.momentum, type=float, help="sgd momentum"),
+    opt("--weight-decay", "WEIGHT_DECAY", default=_OPT.weight_decay, type=float),
+    opt("--batch-size", "BATCH_SIZE", default=_RUN.batch_size, type=click.IntRange(min=1), help="samples per worker step"),
+    opt("--seed", "SEED", default=_RUN.seed, type=int, help="seeds initial weights, data partitions and batch order"),
+    opt("--partitions", "PARTITIONS", default=_RUN.partitions, type=click.IntRange(min=0),
+        help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
+    opt("--codec", "CODEC", default=_RUN.codec, help="gradient codec for pushes: none | fp16"),
+    opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
+]
+
+TIMEOUT_OPTIONS = [
+    opt("--heartbeat-interval", "HEARTBEAT_INTERVAL", default=_TIME.heartbeat_interval, type=float, help="seconds between worker heartbeats"),
+    opt("--heartbeat-timeout", "HEARTBEAT_TIMEOUT", default=_TIME.heartbeat_timeout, type=float,
+        help="a worker silent this long is dropped from every barrier"),
+    opt("--request-timeout", "REQUEST_TIMEOUT", default=_TIME.request_timeout, type=float, help="deadline of one request"),
+    opt("--connect-timeout", "CONNECT_TIMEOUT", default=_TIME.connect_timeout, type=float,
+        help="how long a worker keeps trying to reach the server"),
+]
+
+
+def apply(options):
+    def decorate(f):
+        for o in reversed(options):
+            f = o(f)
+        return f
+
+    return decorate
+
+
+def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
+    optimizer = OptimizerConfig(kw.pop("optimizer"), kw.pop("lr"), kw.pop("momentum"), kw.pop("weight_decay"))
+    return RunConfig(
+        task=kw.pop("task"), consistency=Consistency.parse(kw.pop("consistency")), optimizer=optimizer,
+        batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), partitions=kw.pop("partitions"),
+        max_steps=max_steps, codec=kw.pop("codec"), chunk_elems=kw.pop("chunk_elems"),
+    )
+
+
+def timeouts(kw: dict) -> Timeouts:
+    t = Timeouts(heartbeat_interval=kw.pop("heartbeat_interval"), heartbeat_timeout=kw.pop("heartbeat_timeout"),
+                 request_timeout=kw.pop("request_timeout"), connect_timeout=kw.pop("connect_timeout"))
+    if t.heartbeat_timeout <= t.heartbeat_interval:
+        raise ConfigError("--heartbeat-timeout must be longer than --heartbeat-interval")
+    return t
+
+
+def friendly(f):
+    """Turn our errors into a one-line message and exit code 1 instead of a traceback."""
+
+    @functools.wraps(f)
+    def wrapper(*a, **kw):
+        from .errors import PSError
+
+        try:
+            return f(*a, **kw)
+        except PSError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper

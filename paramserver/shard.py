@@ -1,0 +1,276 @@
+"""A shard: one range of the model's flat parameters, its optimizer, and the rules
+that decide when a push is applied and when a pull may be served.
+
+`ShardCore` is pure (values in, values out, no sockets); `ShardServer` is the
+thin I/O shell around it: one ROUTER socket, one thread, a handler table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zmq
+
+from . import codecs, consistency, optim, protocol, transport
+from .config import RunConfig, Timeouts
+from .consistency import APPLY, DUPLICATE, QUEUE, STALE
+from .errors import ProtocolError
+from .protocol import VERSION, ErrorCode
+from .sharding import Chunk
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    version: int
+    applied: bool
+    finished: bool
+
+
+class ShardCore:
+    def __init__(self, index: int, chunks: list[Chunk], init: torch.Tensor, run: RunConfig):
+        # init: the shard's slice of the flat initial weights, shape (hi - lo,)
+        self.index, self.chunks, self.run = index, chunks, run
+        self.lo = chunks[0].start if chunks else 0
+        self.numel = sum(c.numel for c in chunks)
+        self.param = torch.nn.Parameter(init.detach().clone().float())
+        self.optimizer = optim.make([self.param], run.optimizer)
+        self.policy = consistency.policy(run.consistency)
+        self.aggregate = consistency.AGGREGATORS[run.aggregate]
+        self.expected = {c.key: c.numel for c in chunks}
+        self.version = self.updates = 0
+        self.live: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, start clock)
+        self.clocks: dict[int, int] = {}  # live worker -> pushes it has completed
+        self.pending: dict[int, torch.Tensor] = {}  # bsp: worker -> gradient for the open round
+        self.high_water: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, last push seq)
+        self.max_staleness = self.pushes = self.pulls = self.rejected = 0
+        self._snapshot, self._snapshot_version = None, -1
+
+    def __repr__(self) -> str:
+        return f"<ShardCore {self.index} [{self.lo}:{self.lo + self.numel}] v{self.version} {self.policy.name}>"
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.run.max_steps) and self.updates >= self.run.max_steps
+
+    def set_live(self, live: dict[int, tuple[int, int]]) -> None:
+        for worker, (incarnation, clock) in live.items():
+            if self.live.get(worker, (None,))[0] != incarnation:
+                self.clocks[worker] = clock  # new or re-joined: starts at the clock it was given
+        self.live = dict(live)
+        self.clocks = {w: c for w, c in self.clocks.items() if w in live}
+        self._maybe_close_round()
+
+    def decode_push(self, header: protocol.Push, buffers: list[memoryview]) -> torch.Tensor:
+        """The validated gradient of a push as one (numel,) float32 tensor; raises ProtocolError."""
+        protocol.check_tensors(header.tensors, self.expected)
+        grad = torch.empty(self.numel, dtype=torch.float32)
+        flat = grad.numpy()
+        for meta, buf in zip(header.tensors, buffers):
+            chunk = self._chunk(meta.key)
+            values = codecs.for_wire(meta.codec).decode(meta, buf, chunk.numel)
+            flat[chunk.start - self.lo : chunk.stop - self.lo] = values
+        if not torch.isfinite(grad).all():
+            raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
+        return grad
+
+    def push(self, header: protocol.Push, grad: torch.Tensor) -> Outcome:
+        """Admit one validated push; raises ProtocolError (not_member, stale) without changing state."""
+        worker = header.worker_id
+        if self.live.get(worker, (None,))[0] != header.incarnation:
+            raise ProtocolError(f"worker {worker} is not a live member here; rejoin", ErrorCode.NOT_MEMBER)
+        if self.finished:
+            return Outcome(self.version, False, True)
+        if self._is_duplicate(worker, header.incarnation, header.seq):
+            return Outcome(self.version, True, self.finished)
+        verdict = self.policy.on_push(worker, header.clock, self.version, self.pending)
+        if verdict == STALE:
+            raise ProtocolError(f"push for round {header.clock} but round {self.version} is open; pull again", ErrorCode.STALE)
+        self.high_water[worker] = (header.incarnation, header.seq)
+        self.pushes += 1
+        self.clocks[worker] = max(self.clocks.get(worker, 0), header.clock + 1)
+        if verdict == DUPLICATE:
+            return Outcome(self.version, False, self.finished)
+        if verdict == QUEUE:
+            self.pending[worker] = grad
+            applied = self._maybe_close_round()
+            return Outcome(self.version, applied, self.finished)
+        assert verdict == APPLY
+        self._apply(grad, header.base_version)
+        return Outcome(self.version, True, self.finished)
+
+    def _is_duplicate(self, worker: int, incarnation: int, seq: int) -> bool:
+        last = self.high_water.get(worker)
+        return last is not None and last[0] == incarnation and seq <= last[1]
+
+    def _maybe_close_round(self) -> bool:
+        if not self.policy.round_ready(self.live, self.pending):
+            return False
+        grads = list(self.pending.values())
+        self.pending.clear()
+        self._apply(self.aggregate(grads), self.version)
+        return True
+
+    def _apply(self, grad: torch.Tensor, base_version: int) -> None:
+        self.max_staleness = max(self.max_staleness, self.version - base_version)
+        self.param.grad = grad
+        self.optimizer.step()
+        self.param.grad = None
+        self.version += 1
+        self.updates += 1
+
+    def pull_ready(self, header: protocol.Pull) -> bool:
+        if header.observer or self.finished:
+            return True
+        return self.policy.pull_ready(header.worker_id, header.clock, self.clocks, self.pending)
+
+    def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
+        """The current weights as (metas, buffers), one frame per chunk.
+
+        A fresh copy per version: buffers sent without copying may still be in
+        flight when the optimizer next updates `param` in place.
+        """
+        if self._snapshot_version != self.version:
+            self._snapshot = self.param.detach().clone().numpy()
+            self._snapshot_version = self.version
+        metas, buffers = [], []
+        for c in self.chunks:
+            metas.append(protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]))
+            buffers.append(self._snapshot[c.start - self.lo : c.stop - self.lo])
+        return metas, buffers
+
+    def waiting_for(self) -> list[int]:
+        if self.policy.name != "bsp" or not self.pending:
+            return []
+        return sorted(w for w in self.live if w not in self.pending)
+
+    def _chunk(self, key: int) -> Chunk:
+        return self.chunks[key - self.chunks[0].key]
+
+
+class ShardServer:
+    """The I/O shell: a ROUTER socket serving workers (data) and the coordinator (control)."""
+
+    def __init__(self, ctx: zmq.Context, core: ShardCore, address: str, timeouts: Timeouts):
+        self.core, self.timeouts = core, timeouts
+        self.sock = transport.socket(ctx, zmq.ROUTER)
+        self.address = transport.bind(self.sock, address)
+        self.deferred: list[tuple[bytes, protocol.Pull, float]] = []
+        self.bytes_pushed = self.bytes_pulled = 0
+        self.running = True
+        self.handlers = {
+            protocol.Pull: self.on_pull,
+            protocol.Push: self.on_push,
+            protocol.Membership: self.on_membership,
+            protocol.Stop: self.on_stop,
+        }
+
+    def __repr__(self) -> str:
+        return f"<ShardServer {self.core.index} {self.address}>"
+
+    def serve(self, until: float = float("inf"), parent_pid: int | None = None) -> None:
+        """Serve until stopped, `until` (monotonic) passes, or the parent process is gone."""
+        while self.running and time.monotonic() < until:
+            if self.sock.poll(100):
+                self.handle(transport.recv(self.sock))
+            self._expire_deferred()
+            if parent_pid is not None and os.getppid() != parent_pid:
+                log.warning("shard %d: launcher is gone; exiting", self.core.index)
+                break
+        self.sock.close(linger=0)
+
+    def handle(self, frames: list) -> None:
+        if len(frames) < 2:
+            return
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            msg = protocol.decode(body)
+            handler = self.handlers.get(type(msg.header))
+            if handler is None:
+                raise ProtocolError(f"a shard does not serve {type(msg.header).__name__}", ErrorCode.UNKNOWN_OP)
+            handler(identity, msg)
+        except ProtocolError as e:
+            self.core.rejected += 1
+            if self.core.rejected <= 10 or self.core.rejected % 1000 == 0:
+                log.warning("shard %d rejected a message (%d so far): %s", self.core.index, self.core.rejected, e)
+            self.reply(identity, protocol.error_reply(_seq_of(body), e.code, str(e)))
+
+    def reply(self, identity: bytes, frames: list) -> int:
+        try:
+            return transport.send(self.sock, [identity, *frames], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("shard %d: reply dropped, peer not reading", self.core.index)
+            return 0
+
+    def on_push(self, identity: bytes, msg: protocol.Decoded) -> None:
+        h = msg.header
+        grad = self.core.decode_push(h, msg.buffers)
+        out = self.core.push(h, grad)
+        self.bytes_pushed += msg.wire_bytes
+        self.reply(identity, protocol.encode(protocol.PushOk(v=VERSION, seq=h.seq, version=out.version, applied=out.applied, finished=out.finished)))
+        self._serve_deferred()
+
+    def on_pull(self, identity: bytes, msg: protocol.Decoded) -> None:
+        self.core.pulls += 1
+        if self.core.pull_ready(msg.header):
+            self._send_weights(identity, msg.header)
+        else:
+            self.deferred.append((identity, msg.header, time.monotonic() + self.timeouts.pull_wait))
+
+    def _send_weights(self, identity: bytes, h: protocol.Pull) -> None:
+        metas, buffers = self.core.snapshot()
+        header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas, finished=self.core.finished)
+        self.bytes_pulled += self.reply(identity, protocol.encode(header, buffers))
+
+    def on_membership(self, identity: bytes, msg: protocol.Decoded) -> None:
+        self.core.set_live(dict(msg.header.live))
+        c = self.core
+        stats = protocol.ShardStats(
+            v=VERSION, seq=msg.header.seq, index=c.index, version=c.version, updates=c.updates,
+            clocks=dict(c.clocks), waiting_for=c.waiting_for(), pushes=c.pushes, pulls=c.pulls,
+            rejected=c.rejected, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled,
+            max_staleness=c.max_staleness, pid=os.getpid(),
+        )
+        self.reply(identity, protocol.encode(stats))
+        self._serve_deferred()
+
+    def on_stop(self, identity: bytes, msg: protocol.Decoded) -> None:
+        self.reply(identity, protocol.encode(protocol.Ack(v=VERSION, seq=msg.header.seq)))
+        self.running = False
+
+    def _serve_deferred(self) -> None:
+        waiting = []
+        for identity, header, deadline in self.deferred:
+            if self.core.pull_ready(header):
+                self._send_weights(identity, header)
+            else:
+                waiting.append((identity, header, deadline))
+        self.deferred = waiting
+
+    def _expire_deferred(self) -> None:
+        now = time.monotonic()
+        if not any(d <= now for _, _, d in self.deferred):
+            return
+        for identity, header, deadline in self.deferred:
+            if deadline <= now:
+                msg = f"pull at clock {header.clock} still blocked by consistency after {self.timeouts.pull_wait}s"
+                self.reply(identity, protocol.error_reply(header.seq, ErrorCode.WAIT_TIMEOUT, msg))
+        self.deferred = [d for d in self.deferred if d[2] > now]
+
+
+def _seq_of(body: list) -> int:
+    """Best-effort sequence number of an undecodable request, so the error reply still matches."""
+    try:
+        import msgspec
+
+        raw = msgspec.msgpack.decode(body[0].bytes if hasattr(body[0], "bytes") else body[0])
+        seq = raw.get("seq", 0) if isinstance(raw, dict) else 0
+        return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
+    except Exception:  # anything at all: this only labels an error reply
+        return 0

@@ -1,0 +1,120 @@
+"""ZeroMQ plumbing shared by every role: sockets with safe options, framed send and
+receive, and a request channel with sequence numbers and deadlines.
+
+Addresses are URLs (`tcp://host:port`, `ipc:///path`, `inproc://name`), so the
+same code runs in one test process and across hosts. A socket belongs to the
+thread that made it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import zmq
+
+from . import protocol
+from .errors import DeadlineExceeded, ProtocolError, RemoteError
+
+log = logging.getLogger(__name__)
+
+# below this, copying into a zmq message is cheaper than pinning the buffer
+ZERO_COPY_MIN = 64 * 1024
+
+
+def socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    s = ctx.socket(kind)
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
+    s.setsockopt(zmq.SNDHWM, 10_000)
+    s.setsockopt(zmq.RCVHWM, 10_000)
+    return s
+
+
+def bind(sock: zmq.Socket, address: str) -> str:
+    """Bind and return the address peers should use (port 0 picks a free port)."""
+    if address.startswith("tcp://") and address.endswith(":0"):
+        host = address[len("tcp://") : -2]
+        port = sock.bind_to_random_port(f"tcp://{host}")
+        return f"tcp://{host}:{port}"
+    sock.bind(address)
+    return address
+
+
+def send(sock: zmq.Socket, frames: list, flags: int = 0) -> int:
+    """Send frames, large ones without a copy; returns the bytes put on the wire."""
+    total, last = 0, len(frames) - 1
+    for i, f in enumerate(frames):
+        n = memoryview(f).nbytes if not isinstance(f, bytes) else len(f)
+        total += n
+        more = zmq.SNDMORE if i < last else 0
+        sock.send(f, flags | more, copy=n < ZERO_COPY_MIN)
+    return total
+
+
+def recv(sock: zmq.Socket) -> list[zmq.Frame]:
+    return sock.recv_multipart(copy=False)
+
+
+def nbytes(frames) -> int:
+    return sum(len(f) if isinstance(f, bytes) else memoryview(getattr(f, "buffer", f)).nbytes for f in frames)
+
+
+class Channel:
+    """A DEALER to one peer; request/reply matched by sequence number, every wait bounded.
+
+    Replies to requests that already timed out are recognised by their sequence
+    number and dropped.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, name: str = ""):
+        self.ctx, self.address, self.name = ctx, address, name or address
+        self._seq = itertools.count(int(time.time() * 1000) << 16)
+        self.sock = self._connect()
+        self.bytes_sent = self.bytes_received = 0
+
+    def __repr__(self) -> str:
+        return f"<Channel {self.name}>"
+
+    def _connect(self) -> zmq.Socket:
+        s = socket(self.ctx, zmq.DEALER)
+        s.connect(self.address)
+        return s
+
+    def reset(self) -> None:
+        """A fresh socket: drops queued requests and late replies after a failure."""
+        self.sock.close(linger=0)
+        self.sock = self._connect()
+
+    def next_seq(self) -> int:
+        return next(self._seq)
+
+    def send(self, header, buffers=()) -> None:
+        self.bytes_sent += send(self.sock, protocol.encode(header, buffers))
+
+    def receive(self, seq: int, deadline: float) -> protocol.Decoded:
+        """The reply to `seq`, or DeadlineExceeded; an error reply becomes RemoteError."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+                raise DeadlineExceeded(f"no reply from {self.name} within the deadline")
+            frames = recv(self.sock)
+            self.bytes_received += nbytes(frames)
+            try:
+                msg = protocol.decode(frames)
+            except ProtocolError as e:
+                log.warning("dropping malformed reply from %s: %s", self.name, e)
+                continue
+            if msg.header.seq != seq:
+                continue  # a late reply to a request we gave up on
+            if isinstance(msg.header, protocol.Error):
+                raise RemoteError(msg.header.code, msg.header.message)
+            return msg
+
+    def request(self, header, buffers=(), timeout: float = 10.0) -> protocol.Decoded:
+        self.send(header, buffers)
+        return self.receive(header.seq, time.monotonic() + timeout)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,176 @@
+"""One fixture for real clusters: server and workers as spawned processes on loopback.
+
+Every process a test starts is ended by pid at teardown, and a test that leaves
+a child process behind fails.
+"""
+
+from __future__ import annotations
+
+import queue as queue_mod
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+import zmq
+
+from paramserver import admin, cluster, sharding, tasks
+from paramserver.config import Consistency, RunConfig, Timeouts
+from paramserver.shard import ShardCore, ShardServer
+from paramserver.sim import worker_main
+from workers import WorkerConfig
+from workers.client import fetch_weights
+
+# short enough that membership tests finish quickly, long enough for a loaded 2-core box
+FAST = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request_timeout=10.0, pull_wait=20.0,
+                connect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
+
+
+class Cluster:
+    """A running server (coordinator + shards) and the workers a test adds to it."""
+
+    def __init__(self, run: RunConfig, shards: int, timeouts: Timeouts):
+        self.run, self.timeouts = run, timeouts
+        self.ctx = zmq.Context()
+        self.results = cluster.SPAWN.Queue()
+        ready = cluster.SPAWN.Queue()
+        self.server = cluster.SPAWN.Process(target=cluster.server_main, name="test-server",
+                                            args=(run, "127.0.0.1", 0, shards, timeouts, ready, "warning"))
+        self.server.start()
+        self.workers: list = []
+        address, error = ready.get(timeout=timeouts.startup)
+        assert error is None, error
+        self.address = address
+
+    def add_worker(self, **overrides):
+        cfg = WorkerConfig(server=self.address, timeouts=self.timeouts, **overrides)
+        p = cluster.SPAWN.Process(target=worker_main, name=f"test-worker-{len(self.workers)}",
+                                  args=(cfg, self.results, "warning"))
+        p.start()
+        self.workers.append(p)
+        return p
+
+    def status(self) -> dict:
+        return admin.status(self.address, timeout=5.0, ctx=self.ctx)
+
+    def weights(self) -> torch.Tensor:
+        return fetch_weights(self.ctx, self.address)[1]
+
+    def accuracy(self) -> float:
+        task = tasks.build(self.run.task, self.run.seed)
+        task.model.load_state_dict(sharding.unflatten(self.weights(), sharding.Layout.of(task.model)))
+        return task.evaluate()["accuracy"]
+
+    def wait_workers(self, timeout: float) -> list[dict]:
+        """Wait for every worker process to exit; their results, by worker id."""
+        deadline = time.monotonic() + timeout
+        for p in self.workers:
+            p.join(max(0.1, deadline - time.monotonic()))
+            assert not p.is_alive(), f"{p.name} still running after {timeout}s"
+        out = []
+        while True:
+            try:
+                out.append(self.results.get(timeout=0.5))
+            except queue_mod.Empty:
+                return sorted(out, key=lambda r: r.get("worker_id", -1))
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.status()
+            if predicate(info):
+                return info
+            time.sleep(0.1)
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+    def close(self) -> None:
+        try:
+            admin.stop(self.address, timeout=2.0, ctx=self.ctx)
+        except Exception:  # already gone is fine: we kill by pid below
+            pass
+        cluster.stop_processes([*self.workers, self.server], self.timeouts.shutdown_grace + 5)
+        self.ctx.term()
+
+
+@pytest.fixture
+def make_cluster():
+    made: list[Cluster] = []
+
+    def make(run: RunConfig | None = None, shards: int = 2, timeouts: Timeouts = FAST) -> Cluster:
+        c = Cluster(run or RunConfig(), shards, timeouts)
+        made.append(c)
+        return c
+
+    before = {p.pid for p in _alive_children()}
+    yield make
+    for c in made:
+        c.close()
+    _assert_no_leaks(before)
+
+
+def _assert_no_leaks(before: set[int]) -> None:
+    """Fail if a process this test started outlives it (multiprocessing's own tracker aside)."""
+    deadline = time.monotonic() + 10
+    while True:
+        leaked = [p for p in _alive_children() if p.pid not in before]
+        if not leaked or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for p in leaked:
+        p.kill()
+    assert not leaked, f"test leaked processes: {[(p.pid, p.name()) for p in leaked]}"
+
+
+def _alive_children() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+class ShardThread:
+    """A real ShardServer on a loopback port, served from a thread of the test process."""
+
+    def __init__(self, run: RunConfig, timeouts: Timeouts = FAST):
+        layout, flat = cluster.initial_weights(run)
+        self.chunks = sharding.plan(layout.total, 1, run.chunk_elems)[0]
+        self.ctx = zmq.Context()
+        self.server = ShardServer(self.ctx, ShardCore(0, self.chunks, flat, run), "tcp://127.0.0.1:0", timeouts)
+        self.core = self.server.core
+        self.sockets: list[zmq.Socket] = []
+        self.thread = threading.Thread(target=self.server.serve, name="test-shard", daemon=True)
+        self.thread.start()
+
+    def dealer(self) -> zmq.Socket:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.server.address)
+        self.sockets.append(s)
+        return s
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close(linger=0)
+        self.server.running = False
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "shard thread did not stop"
+        self.ctx.term()
+
+
+@pytest.fixture
+def shard_thread():
+    made: list[ShardThread] = []
+
+    def make(run: RunConfig | None = None) -> ShardThread:
+        s = ShardThread(run or RunConfig(consistency=Consistency("asp")))
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()

@@ -1,0 +1,15 @@
+"""End to end on real processes: each consistency mode trains digits to >= 0.95."""
+
+import pytest
+
+from paramserver.config import Consistency, RunConfig
+
+
+@pytest.mark.parametrize("mode", ["bsp", "asp", "ssp:2"])
+def test_four_workers_two_shards_reach_095(make_cluster, mode):
+    c = make_cluster(RunConfig(consistency=Consistency.parse(mode), seed=1), shards=2)
+    for _ in range(4):
+        c.add_worker(max_steps=300)
+    results = c.wait_workers(timeout=150)
+    assert [r["steps"] for r in results] == [300] * 4, results
+    assert c.accuracy() >= 0.95

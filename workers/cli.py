@@ -1,0 +1,34 @@
+"""`ps-worker`: join a server and train."""
+
+from __future__ import annotations
+
+import click
+
+from paramserver import log as logsetup
+from paramserver.options import TIMEOUT_OPTIONS, apply, friendly, opt, timeouts
+
+from .trainer import WorkerConfig, run_worker
+
+
+@click.group(context_settings={"show_default": True})
+def worker():
+    """A training worker."""
+
+
+@worker.command()
+@opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address: the one thing a worker needs")
+@opt("--worker-id", "WORKER_ID", default=-1, type=int, help="rejoin with this id (-1: a new one)")
+@opt("--max-steps", "WORKER_MAX_STEPS", default=0, type=click.IntRange(min=0), help="stop after this many steps (0: when the server ends the run)")
+@opt("--threads", "THREADS", default=1, type=click.IntRange(min=1), help="torch threads")
+@opt("--codec", "WORKER_CODEC", default="", help="gradient codec (empty: the server's default)")
+@opt("--delay", "WORKER_DELAY", default=0.0, type=float, help="extra seconds per step (simulates a slow device)")
+@apply(TIMEOUT_OPTIONS)
+@opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@friendly
+def join(server, worker_id, max_steps, threads, codec, delay, log_level, **kw):
+    """Join the server at SERVER and train until the run ends."""
+    logsetup.setup(log_level)
+    cfg = WorkerConfig(server=server, worker_id=worker_id, max_steps=max_steps, threads=threads,
+                       codec=codec, delay=delay, timeouts=timeouts(kw))
+    result = run_worker(cfg)
+    click.echo(f"worker {result.worker_id} done: {result.steps} steps, last loss {result.loss:.4f} ({result.reason})", err=True)

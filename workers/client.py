@@ -1,0 +1,112 @@
+"""The worker's data path: pull weights from every shard and push gradients to every
+shard, each fanned out in parallel (send to all, then collect), with one deadline.
+
+Like ps-lite's KVWorker: two verbs over the model's flat float32 vector.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from paramserver import codecs, protocol
+from paramserver.protocol import VERSION
+from paramserver.sharding import Chunk
+from paramserver.transport import Channel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Reply:
+    version: int  # the lowest weights version among the shards' answers
+    finished: bool  # some shard says the run is over
+
+
+class ShardClient:
+    def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none"):
+        self.channels = [Channel(ctx, s.address, f"shard {s.index}") for s in shards]
+        self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
+        self.codec = codecs.get(codec)
+
+    def __repr__(self) -> str:
+        return f"<ShardClient shards={len(self.channels)} codec={self.codec.name}>"
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(ch.bytes_sent for ch in self.channels)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(ch.bytes_received for ch in self.channels)
+
+    def pull(self, into: torch.Tensor, worker: int, clock: int, timeout: float, observer: bool = False) -> Reply:
+        """Copy every shard's weights into `into` (flat float32, shape (total,))."""
+        seqs = []
+        for ch in self.channels:
+            seqs.append(ch.next_seq())
+            ch.send(protocol.Pull(v=VERSION, seq=seqs[-1], worker_id=worker, clock=clock, observer=observer))
+        deadline = time.monotonic() + timeout
+        flat = into.numpy()
+        replies = []
+        for ch, seq, chunks in zip(self.channels, seqs, self.chunks):
+            msg = ch.receive(seq, deadline)
+            protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
+            by_key = {c.key: c for c in chunks}
+            for meta, buf in zip(msg.header.tensors, msg.buffers):
+                c = by_key[meta.key]
+                flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
+            replies.append(msg.header)
+        return _combine(replies)
+
+    def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float) -> Reply:
+        """Send each shard its slice of `grads` (flat float32, shape (total,)); wait for every ack."""
+        seqs = []
+        for ch, chunks in zip(self.channels, self.chunks):
+            metas, buffers = [], []
+            for c in chunks:
+                dtype, shape, params, buf = self.codec.encode(grads[c.start : c.stop])
+                metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
+                buffers.append(buf)
+            seqs.append(ch.next_seq())
+            header = protocol.Push(v=VERSION, seq=seqs[-1], worker_id=worker, incarnation=incarnation,
+                                   clock=clock, base_version=base_version, tensors=metas)
+            ch.send(header, buffers)
+        deadline = time.monotonic() + timeout
+        return _combine([ch.receive(seq, deadline).header for ch, seq in zip(self.channels, seqs)])
+
+    def reset(self) -> None:
+        for ch in self.channels:
+            ch.reset()
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+
+
+def _combine(headers) -> Reply:
+    return Reply(min(h.version for h in headers), any(h.finished for h in headers))
+
+
+def fetch_weights(ctx: zmq.Context, server: str, timeout: float = 10.0) -> tuple[dict, torch.Tensor]:
+    """The server's current weights, read as an observer (never waits, joins nothing).
+
+    Returns (status, flat) with flat float32 of shape (total,).
+    """
+    from paramserver import admin
+
+    info = admin.status(server, timeout, ctx)
+    shards = [protocol.ShardSpec(index=s["index"], address=s["address"], chunks=[tuple(c) for c in s["chunks"]])
+              for s in info["shard_map"]]
+    total = max((c[2] for s in shards for c in s.chunks), default=0)
+    flat = torch.empty(total, dtype=torch.float32)
+    client = ShardClient(ctx, shards)
+    try:
+        client.pull(flat, worker=-1, clock=0, timeout=timeout, observer=True)
+    finally:
+        client.close()
+    return info, flat

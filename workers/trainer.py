@@ -1,0 +1,164 @@
+"""The worker's training loop: pull, compute on a local batch, push; repeat.
+
+Everything the worker needs (task, data partition, shard map, consistency,
+codec) comes from the coordinator's join reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import zmq
+
+from paramserver import tasks
+from paramserver.config import RunConfig, Timeouts
+from paramserver.errors import DeadlineExceeded, RemoteError, ServerUnavailable
+from paramserver.protocol import ErrorCode
+from paramserver.sharding import Layout, flatten_
+
+from .client import ShardClient
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    server: str = "tcp://127.0.0.1:5555"
+    worker_id: int = -1  # -1: a new id; set to rejoin as a worker that left
+    max_steps: int = 0  # 0: train until the server ends the run
+    threads: int = 1  # torch threads; workers and shards share the cores
+    # extra seconds slept per step, to play a slower device in simulations and tests
+    delay: float = 0.0
+    codec: str = ""  # "" takes the server's default
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+@dataclass
+class WorkerResult:
+    worker_id: int
+    steps: int
+    clock: int
+    loss: float
+    bytes_sent: int
+    bytes_received: int
+    reason: str  # why the loop ended: steps | finished
+
+
+class Trainer:
+    def __init__(self, cfg: WorkerConfig, ctx: zmq.Context):
+        self.cfg, self.ctx = cfg, ctx
+        self.session = Session(ctx, cfg.server, cfg.timeouts)
+        self.steps, self.loss = 0, float("nan")
+
+    def run(self) -> WorkerResult:
+        torch.set_num_threads(self.cfg.threads)
+        joined = self.session.join(self.cfg.worker_id)
+        # beat from the moment we are a member: building the task can take seconds
+        self.session.start_heartbeats()
+        run = RunConfig.from_wire(joined.config)
+        self._setup(run, joined)
+        log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
+        try:
+            reason = self._loop(run)
+            self.session.leave()
+        finally:
+            self.session.close()
+            self.client.close()
+        return WorkerResult(self.session.worker_id, self.steps, self.clock, self.loss,
+                            self.client.bytes_sent, self.client.bytes_received, reason)
+
+    def _setup(self, run: RunConfig, joined) -> None:
+        self.task = tasks.build(run.task, run.seed)
+        self.layout = Layout.of(self.task.model)
+        self.params, self.grads = flatten_(self.task.model, self.layout)
+        self.client = ShardClient(self.ctx, joined.shards, self.cfg.codec or run.codec)
+        indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
+        self.batches = tasks.batches(indices, run.batch_size, seed=(run.seed, joined.partition))
+        self.bsp = run.consistency.mode == "bsp"
+        self.clock = joined.clock
+
+    def _loop(self, run: RunConfig) -> str:
+        batch, started = None, time.monotonic()
+        timeouts = self.cfg.timeouts
+        while True:
+            if self.session.finish.is_set():
+                return "finished"
+            if self.cfg.max_steps and self.steps >= self.cfg.max_steps:
+                return "steps"
+            if self.session.dropped.is_set():
+                self._rejoin()
+            try:
+                got = self.client.pull(self.params, self.session.worker_id, self.clock, timeouts.pull_wait + timeouts.request_timeout)
+                if got.finished:
+                    return "finished"
+                if self.bsp:
+                    self.clock = got.version  # in bsp the round number is the clock
+                batch = batch if batch is not None else next(self.batches)
+                self._compute(batch)
+                pushed = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
+                                          self.clock, got.version, timeouts.request_timeout)
+            except RemoteError as e:
+                self._recover(e)
+                continue
+            except DeadlineExceeded as e:
+                self._check_server(e)
+                continue
+            batch = None
+            self.clock += 1
+            self.steps += 1
+            self._report(started)
+            if pushed.finished:
+                return "finished"
+
+    def _compute(self, batch) -> None:
+        x, y = self.task.train[0][batch], self.task.train[1][batch]
+        self.grads.zero_()
+        loss = self.task.loss(self.task.model(x), y)
+        loss.backward()  # accumulates into self.grads: the parameters' .grad are views of it
+        self.loss = loss.item()
+        if self.cfg.delay:
+            time.sleep(self.cfg.delay)
+
+    def _report(self, started: float) -> None:
+        s = self.session
+        s.clock, s.loss = self.clock, self.loss
+        s.steps_per_s = self.steps / max(1e-9, time.monotonic() - started)
+
+    def _recover(self, e: RemoteError) -> None:
+        if e.code in (ErrorCode.STALE, ErrorCode.WAIT_TIMEOUT):
+            log.debug("worker %d: %s; pulling again", self.session.worker_id, e)
+        elif e.code == ErrorCode.NOT_MEMBER:
+            # the coordinator's word has not reached the shard yet, or we were dropped
+            # (then the next heartbeat says so and the loop rejoins)
+            self.session.finish.wait(self.cfg.timeouts.heartbeat_interval)
+        elif e.code == ErrorCode.FINISHED:
+            self.session.finish.set()
+        else:
+            raise e
+
+    def _rejoin(self) -> None:
+        log.warning("worker %d was dropped by the coordinator; rejoining", self.session.worker_id)
+        joined = self.session.join(self.session.worker_id)
+        self.clock = joined.clock
+
+    def _check_server(self, e: DeadlineExceeded) -> None:
+        silent = self.session.server_silent_for()
+        if silent > self.cfg.timeouts.connect_timeout:
+            raise ServerUnavailable(f"server silent for {silent:.0f}s: {e}") from e
+        log.warning("worker %d: %s; retrying", self.session.worker_id, e)
+        self.client.reset()
+
+
+def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None) -> WorkerResult:
+    """Join the server at cfg.server and train until the run ends or cfg.max_steps."""
+    own = ctx is None
+    ctx = ctx or zmq.Context()
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        if own:
+            ctx.term()
