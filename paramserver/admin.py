@@ -5,6 +5,7 @@ from __future__ import annotations
 import zmq
 
 from . import protocol
+from .errors import DeadlineExceeded
 from .protocol import VERSION
 from .transport import Channel
 
@@ -15,6 +16,9 @@ def _ask(server: str, header_type, timeout: float, ctx: zmq.Context | None):
     channel = Channel(ctx, server, "coordinator")
     try:
         return channel.request(header_type(v=VERSION, seq=channel.next_seq()), timeout=timeout).header
+    except DeadlineExceeded:
+        raise DeadlineExceeded(f"no reply from a coordinator at {server} within {timeout}s; "
+                               "is `ps-server start` running there?") from None
     finally:
         channel.close()
         if own:

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from . import admin, cluster, codecs, tasks
+from . import admin
 from . import log as logsetup
 from .errors import ConfigError
 from .options import RUN_OPTIONS, TIMEOUT_OPTIONS, apply, friendly, opt, run_config, timeouts
@@ -15,6 +15,8 @@ LOG_LEVEL = opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["
 
 
 def _check(run) -> None:
+    from . import codecs, tasks  # torch: imported only by the commands that train
+
     codecs.get(run.codec)
     tasks.build(run.task, run.seed)  # fail here, with the task's own error, not in a child
 
@@ -43,6 +45,8 @@ def start(host, port, shards, max_steps, log_level, **kw):
 
     def ready(address):
         click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
+
+    from . import cluster
 
     final = cluster.serve(run, host, port, shards, t, log_level, on_ready=ready)
     click.echo(f"run ended after {final['updates']} updates", err=True)

@@ -41,7 +41,8 @@ def shard_main(index, chunks, run, address, timeouts, ready, parent_pid, log_lev
     lo, hi = (chunks[0].start, chunks[-1].stop) if chunks else (0, 0)
     ctx = zmq.Context()
     try:
-        server = ShardServer(ctx, ShardCore(index, chunks, flat[lo:hi], run), address, timeouts)
+        core = ShardCore(index, chunks, flat[lo:hi], run, timeouts.min_workers_wait)
+        server = ShardServer(ctx, core, address, timeouts)
     except zmq.ZMQError as e:
         ready.put((index, None, f"shard {index} cannot bind {address}: {e}"))
         return

@@ -34,6 +34,8 @@ class Timeouts:
     shutdown_grace: float = 5.0
     # how long a launcher waits for a spawned shard to bind and report its address
     startup: float = 60.0
+    # bsp with --min-workers: a round short of workers waits this long, then closes anyway
+    min_workers_wait: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,9 @@ class RunConfig:
     partitions: int = 0
     # 0 means no limit; a bsp round counts as one update, in asp/ssp each applied push
     max_steps: int = 0
+    # bsp: a round closes only with pushes from at least this many workers (bounded
+    # by Timeouts.min_workers_wait), so early joiners do not train alone
+    min_workers: int = 0
     codec: str = "none"
     aggregate: str = "mean"
     # 1M float32 = 4 MB: the frame size the transport is fastest with (DESIGN.md)
@@ -95,8 +100,8 @@ class RunConfig:
     def __post_init__(self):
         if self.batch_size < 1:
             raise ConfigError("batch size must be >= 1")
-        if self.max_steps < 0 or self.partitions < 0:
-            raise ConfigError("max steps and partitions must be >= 0")
+        if min(self.max_steps, self.partitions, self.min_workers) < 0:
+            raise ConfigError("max steps, partitions and min workers must be >= 0")
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"unknown aggregate {self.aggregate!r}: use one of {', '.join(AGGREGATES)}")
         if self.chunk_elems < 1024:

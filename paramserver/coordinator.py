@@ -241,7 +241,7 @@ class Coordinator:
             "shards": [
                 {"index": s.index, "address": self.shards[s.index].address, "version": s.version, "updates": s.updates,
                  "pushes": s.pushes, "pulls": s.pulls, "rejected": s.rejected, "bytes_pushed": s.bytes_pushed,
-                 "bytes_pulled": s.bytes_pulled, "max_staleness": s.max_staleness, "clocks": s.clocks, "pid": s.pid}
+                 "bytes_pulled": s.bytes_pulled, "max_staleness": s.max_staleness, "max_clock_gap": s.max_clock_gap, "clocks": s.clocks, "pid": s.pid}
                 for s in sorted(self.stats.values(), key=lambda s: s.index)
             ],
         }

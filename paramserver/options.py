@@ -31,6 +31,8 @@ RUN_OPTIONS = [
     opt("--seed", "SEED", default=_RUN.seed, type=int, help="seeds initial weights, data partitions and batch order"),
     opt("--partitions", "PARTITIONS", default=_RUN.partitions, type=click.IntRange(min=0),
         help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
+    opt("--min-workers", "MIN_WORKERS", default=_RUN.min_workers, type=click.IntRange(min=0),
+        help="bsp: a round waits (bounded) for pushes from at least this many workers"),
     opt("--codec", "CODEC", default=_RUN.codec, help="gradient codec for pushes: none | fp16"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
 ]
@@ -59,7 +61,7 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
     return RunConfig(
         task=kw.pop("task"), consistency=Consistency.parse(kw.pop("consistency")), optimizer=optimizer,
         batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), partitions=kw.pop("partitions"),
-        max_steps=max_steps, codec=kw.pop("codec"), chunk_elems=kw.pop("chunk_elems"),
+        max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"), chunk_elems=kw.pop("chunk_elems"),
     )
 
 

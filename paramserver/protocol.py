@@ -157,6 +157,7 @@ class ShardStats(Header, tag="shard_stats"):
     bytes_pushed: Count  # push messages received, as they were on the wire
     bytes_pulled: Count  # pull replies sent
     max_staleness: Count
+    max_clock_gap: int = 0  # ssp: the most a served pull led the slowest live worker
     pid: Count = 0
 
 

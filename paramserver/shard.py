@@ -34,9 +34,12 @@ class Outcome:
 
 
 class ShardCore:
-    def __init__(self, index: int, chunks: list[Chunk], init: torch.Tensor, run: RunConfig):
+    def __init__(self, index: int, chunks: list[Chunk], init: torch.Tensor, run: RunConfig,
+                 min_workers_wait: float = Timeouts.min_workers_wait, clock=time.monotonic):
         # init: the shard's slice of the flat initial weights, shape (hi - lo,)
         self.index, self.chunks, self.run = index, chunks, run
+        self.min_workers_wait, self.now = min_workers_wait, clock
+        self._short_since = None  # when the open round first had everyone live but too few workers
         self.lo = chunks[0].start if chunks else 0
         self.numel = sum(c.numel for c in chunks)
         self.param = torch.nn.Parameter(init.detach().clone().float())
@@ -50,6 +53,7 @@ class ShardCore:
         self.pending: dict[int, torch.Tensor] = {}  # bsp: worker -> gradient for the open round
         self.high_water: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, last push seq)
         self.max_staleness = self.pushes = self.pulls = self.rejected = 0
+        self.max_clock_gap = 0  # the most a served pull's clock led the slowest live worker
         self._snapshot, self._snapshot_version = None, -1
 
     def __repr__(self) -> str:
@@ -110,12 +114,32 @@ class ShardCore:
         return last is not None and last[0] == incarnation and seq <= last[1]
 
     def _maybe_close_round(self) -> bool:
-        if not self.policy.round_ready(self.live, self.pending):
+        if not self.policy.round_ready(self.live, self.pending) or self._short_of_workers():
             return False
         grads = list(self.pending.values())
         self.pending.clear()
         self._apply(self.aggregate(grads), self.version)
         return True
+
+    def _short_of_workers(self) -> bool:
+        if len(self.pending) >= self.run.min_workers:
+            self._short_since = None
+            return False
+        now = self.now()
+        if self._short_since is None:
+            self._short_since = now
+            log.info("shard %d: round %d has workers %s, waits for %d (--min-workers) up to %.0fs",
+                     self.index, self.version, sorted(self.pending), self.run.min_workers, self.min_workers_wait)
+        if now - self._short_since < self.min_workers_wait:
+            return True
+        log.warning("shard %d: round %d closes with %d of %d workers after waiting %.0fs",
+                    self.index, self.version, len(self.pending), self.run.min_workers, self.min_workers_wait)
+        self._short_since = None
+        return False
+
+    def tick(self) -> bool:
+        """Time-driven work (a --min-workers wait running out); True if a round closed."""
+        return bool(self.pending) and self._maybe_close_round()
 
     def _apply(self, grad: torch.Tensor, base_version: int) -> None:
         self.max_staleness = max(self.max_staleness, self.version - base_version)
@@ -128,7 +152,10 @@ class ShardCore:
     def pull_ready(self, header: protocol.Pull) -> bool:
         if header.observer or self.finished:
             return True
-        return self.policy.pull_ready(header.worker_id, header.clock, self.clocks, self.pending)
+        ready = self.policy.pull_ready(header.worker_id, header.clock, self.clocks, self.pending)
+        if ready and self.clocks and header.worker_id in self.live:
+            self.max_clock_gap = max(self.max_clock_gap, header.clock - min(self.clocks.values()))
+        return ready
 
     def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
         """The current weights as (metas, buffers), one frame per chunk.
@@ -179,6 +206,8 @@ class ShardServer:
         while self.running and time.monotonic() < until:
             if self.sock.poll(100):
                 self.handle(transport.recv(self.sock))
+            if self.core.tick():
+                self._serve_deferred()
             self._expire_deferred()
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("shard %d: launcher is gone; exiting", self.core.index)
@@ -235,7 +264,7 @@ class ShardServer:
             v=VERSION, seq=msg.header.seq, index=c.index, version=c.version, updates=c.updates,
             clocks=dict(c.clocks), waiting_for=c.waiting_for(), pushes=c.pushes, pulls=c.pulls,
             rejected=c.rejected, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled,
-            max_staleness=c.max_staleness, pid=os.getpid(),
+            max_staleness=c.max_staleness, max_clock_gap=c.max_clock_gap, pid=os.getpid(),
         )
         self.reply(identity, protocol.encode(stats))
         self._serve_deferred()

@@ -1,0 +1,130 @@
+"""The three CLIs as a user runs them: real subprocesses on loopback, each ended by pid."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p..p+n-1 all free right now (coordinator + shards)."""
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+class Procs:
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args, env=None) -> subprocess.Popen:
+        p = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, **(env or {})})
+        self.procs.append(p)
+        return p
+
+    def kill_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    yield p
+    p.kill_all()
+
+
+def run(*args, timeout=60, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_server_and_workers_end_by_themselves_after_max_steps(procs):
+    port = free_port_block(3)
+    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--max-steps", "600",
+                         "--consistency", "ssp:2", "--heartbeat-interval", "0.2")
+    address = f"tcp://127.0.0.1:{port}"
+    # slowed a little so that the run outlasts a few status calls
+    workers = [procs.start("ps-worker", "join", "--server", address, "--delay", "0.01") for _ in range(2)]
+    deadline = time.monotonic() + 60
+    info = None
+    while time.monotonic() < deadline and info is None:
+        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "2")
+        if out.returncode == 0 and len(json.loads(out.stdout)["workers"]) == 2:
+            info = json.loads(out.stdout)
+        time.sleep(0.2)
+    assert info is not None, "status never listed both workers"
+    assert info["config"]["consistency"] == "ssp:2"
+    for p in [*workers, server]:
+        assert p.wait(timeout=90) == 0, p.communicate()[1][-2000:]
+    err = server.communicate()[1]
+    assert f"ps-worker join --server {address}" in err
+    assert "run ended after" in err
+
+
+def test_worker_without_server_fails_clearly():
+    port = free_port_block(1)
+    out = run("ps-worker", "join", "--server", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1.5", timeout=30)
+    assert out.returncode != 0
+    assert "no coordinator answered" in out.stderr
+
+
+def test_sim_run_writes_report(tmp_path):
+    report = tmp_path / "r"
+    out = run("ps-sim", "run", "--workers", "2", "--shards", "2", "--steps", "150", "--consistency", "asp",
+              "--report", str(report), "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads((report / "report.json").read_text())
+    for key in ["final_accuracy", "wall_seconds", "steps", "workers", "shards", "consistency",
+                "bytes_pushed", "bytes_pulled", "max_staleness_observed"]:
+        assert key in data
+    assert data["workers"] == 2 and data["shards"] == 2 and data["consistency"] == "asp"
+    assert data["bytes_pushed"] > 0 and data["bytes_pulled"] > 0
+    assert "final test accuracy" in out.stdout
+
+
+@pytest.mark.parametrize("command", [("ps-server", "start"), ("ps-server", "status"), ("ps-worker", "join"), ("ps-sim", "run")])
+def test_help_shows_defaults_and_env_vars(command):
+    out = run(*command, "--help")
+    assert out.returncode == 0
+    assert "default:" in out.stdout and "PS_" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (("ps-server", "start", "--consistency", "ssp:x"), "unknown consistency"),
+    (("ps-server", "start", "--task", "no_such_module:build"), "cannot load task"),
+    (("ps-server", "start", "--codec", "zip"), "unknown codec"),
+    (("ps-sim", "run", "--bogus"), "No such option"),
+    (("ps-server", "status", "--server", "tcp://127.0.0.1:1", "--timeout", "0.5"), "no reply"),
+])
+def test_bad_input_is_refused_with_a_clear_message(args, message):
+    out = run(*args, timeout=30)
+    assert out.returncode != 0
+    assert message in out.stderr
+
+
+def test_environment_variables_set_options(procs):
+    out = run("ps-server", "start", "--port", "1", env={"PS_CONSISTENCY": "nope"}, timeout=30)
+    assert out.returncode != 0 and "unknown consistency 'nope'" in out.stderr

@@ -1,0 +1,71 @@
+"""Membership on real processes: a killed worker leaves the barrier within the heartbeat
+timeout, a late joiner is served and counted, and ssp/asp treat a slow worker as defined."""
+
+import os
+import signal
+import time
+
+from paramserver.config import Consistency, RunConfig
+
+from .conftest import FAST
+
+
+def test_sigkilled_worker_leaves_bsp_barrier_and_run_finishes(make_cluster):
+    c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=2), shards=2)
+    procs = [c.add_worker(max_steps=200) for _ in range(4)]
+    c.wait_for(lambda s: len(s["workers"]) == 4 and min(w["clock"] for w in s["workers"]) >= 20, 60, "4 workers at clock 20")
+    victim = procs[1]
+    os.kill(victim.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    # the barrier must drop the dead worker within the heartbeat timeout (plus one tick)
+    info = c.wait_for(lambda s: len(s["workers"]) == 3, FAST.heartbeat_timeout + 2, "the dead worker to be dropped")
+    assert time.monotonic() - killed_at <= FAST.heartbeat_timeout + 2
+    before = info["updates"]
+    c.wait_for(lambda s: s["updates"] > before + 5, 10, "rounds to go on without the dead worker")
+    c.workers.remove(victim)
+    victim.join(5)
+    results = c.wait_workers(timeout=120)
+    assert [r["steps"] for r in results] == [200] * 3
+    assert c.accuracy() >= 0.9
+
+
+def test_worker_joining_mid_run_is_served_and_counted(make_cluster):
+    c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=3), shards=2)
+    for _ in range(2):  # slowed so that the run outlasts the third worker's start-up
+        c.add_worker(max_steps=600, delay=0.02)
+    c.wait_for(lambda s: s["updates"] >= 30, 60, "30 rounds with two workers")
+    c.add_worker(max_steps=40)
+    info = c.wait_for(lambda s: len(s["workers"]) == 3 and max(w["id"] for w in s["workers"]) == 2, 30, "the third worker to be live")
+    joined_at = info["updates"]
+    results = c.wait_workers(timeout=120)
+    assert sorted(r["steps"] for r in results) == [40, 600, 600]
+    late = next(r for r in results if r["steps"] == 40)
+    # bsp: the round number is the clock; it started near the current round, not at 0
+    assert late["clock"] >= joined_at - 5 + 40
+
+
+def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
+    s = 2
+    c = make_cluster(RunConfig(consistency=Consistency("ssp", s), seed=4), shards=2)
+    for _ in range(2):
+        c.add_worker(max_steps=60)
+    c.add_worker(max_steps=60, delay=0.05)  # about 5x slower than the others
+    c.wait_workers(timeout=120)
+    shards = c.status()["shards"]
+    gaps = [sh["max_clock_gap"] for sh in shards]
+    assert max(gaps) <= s, f"a worker ran {max(gaps)} clocks ahead of the slowest (bound {s})"
+    assert max(gaps) == s, "the fast workers never reached the bound: the test did not exercise it"
+
+
+def test_asp_fast_worker_is_not_slowed_by_slow_one(make_cluster):
+    c = make_cluster(RunConfig(consistency=Consistency("asp"), seed=5), shards=1)
+    fast = c.add_worker(max_steps=100)
+    slow = c.add_worker(max_steps=100, delay=0.2)  # 100 steps take >= 20 s
+    started = time.monotonic()
+    fast.join(60)
+    assert not fast.is_alive(), "the fast worker did not finish"
+    assert slow.is_alive(), "the slow worker finished as soon as the fast one: it was not slow"
+    info = c.status()
+    slow_clock = max((w["clock"] for w in info["workers"]), default=0)
+    assert slow_clock < 50, f"slow worker at clock {slow_clock} when the fast one ended after {time.monotonic() - started:.1f}s"
+    os.kill(slow.pid, signal.SIGKILL)
