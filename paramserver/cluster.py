@@ -48,7 +48,10 @@ def shard_main(index, chunks, run, address, timeouts, ready, parent_pid, log_lev
         return
     ready.put((index, server.address, None))
     log.info("shard %d serving %d parameters at %s", index, hi - lo, server.address)
-    server.serve(parent_pid=parent_pid)
+    try:
+        server.serve(parent_pid=parent_pid)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the launcher stops us
+        pass
     ctx.term()
 
 

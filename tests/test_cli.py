@@ -128,3 +128,21 @@ def test_bad_input_is_refused_with_a_clear_message(args, message):
 def test_environment_variables_set_options(procs):
     out = run("ps-server", "start", "--port", "1", env={"PS_CONSISTENCY": "nope"}, timeout=30)
     assert out.returncode != 0 and "unknown consistency 'nope'" in out.stderr
+
+
+def test_ctrl_c_stops_every_server_process(procs):
+    import psutil
+
+    port = free_port_block(3)
+    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if run("ps-server", "status", "--server", f"tcp://127.0.0.1:{port}", "--timeout", "1").returncode == 0:
+            break
+    children = psutil.Process(server.pid).children(recursive=True)
+    assert len([c for c in children if "resource_tracker" not in " ".join(c.cmdline())]) == 2
+    server.send_signal(2)  # SIGINT, as Ctrl-C
+    assert server.wait(timeout=30) == 0
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
+    assert "Traceback" not in server.communicate()[1]
