@@ -29,11 +29,15 @@ class NoneCodec:
         return np.frombuffer(buf, dtype=np.float32)
 
 
+FP16_MAX = 65504.0
+
+
 class Fp16Codec:
     name = "fp16"
 
     def encode(self, chunk: torch.Tensor):
-        return "float16", [chunk.numel()], {}, chunk.to(torch.float16).numpy()
+        # clamp first: a finite gradient beyond fp16's range must not arrive as inf
+        return "float16", [chunk.numel()], {}, chunk.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).numpy()
 
     def decode(self, meta, buf: memoryview, numel: int) -> np.ndarray:
         _expect(meta, "float16", numel)

@@ -184,7 +184,10 @@ class Coordinator:
             reply = handler(msg.header)
         except ProtocolError as e:
             log.warning("coordinator rejected a message: %s", e)
-            reply = protocol.Error(v=VERSION, seq=0, code=e.code, message=str(e))
+            reply = protocol.error(protocol.seq_of(body), e.code, str(e))
+        except Exception as e:  # a bug must cost one request, never the coordinator
+            log.exception("coordinator failed on a request")
+            reply = protocol.error(protocol.seq_of(body), ErrorCode.INTERNAL, repr(e))
         try:
             transport.send(self.sock, [identity, *protocol.encode(reply)], zmq.NOBLOCK)
         except zmq.Again:

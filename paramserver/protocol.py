@@ -58,6 +58,7 @@ class ErrorCode:
     NOT_READY = "not_ready"  # server still starting: retry
     WAIT_TIMEOUT = "wait_timeout"  # a deferred pull waited too long: retry
     FINISHED = "finished"  # the run is over
+    INTERNAL = "internal"  # a bug on the server, logged there with its traceback
 
 
 class TensorMeta(Struct, frozen=True, forbid_unknown_fields=True):
@@ -276,13 +277,29 @@ def _buffer_of(frame) -> memoryview:
 
 
 def error_reply(seq: int, code: str, message: str) -> list:
-    return encode(Error(v=VERSION, seq=seq, code=code, message=message))
+    return encode(error(seq, code, message))
+
+
+def error(seq: int, code: str, message: str) -> Error:
+    # the text may quote hostile input: keep it within what a decoder accepts
+    return Error(v=VERSION, seq=seq, code=code[:256], message=message[:4000])
+
+
+def seq_of(frames) -> int:
+    """Best-effort sequence number of an undecodable request, so the error reply still matches."""
+    try:
+        raw = msgspec.msgpack.decode(_bytes_of(frames[0]))
+    except (msgspec.DecodeError, ValueError, RecursionError, IndexError):
+        return 0
+    seq = raw.get("seq", 0) if isinstance(raw, dict) else 0
+    return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
 
 
 def check_tensors(metas, expected: dict[int, int]) -> None:
-    """Receiver-side check: every key is one of ours, once, with the element count we hold.
+    """Receiver-side check: every key is one of ours, exactly once.
 
-    expected: key -> number of elements of that chunk on this receiver.
+    expected: key -> number of elements of that chunk on this receiver. Sizes on
+    the wire depend on the codec, so the codec's `decode` checks them.
     """
     seen = set()
     for meta in metas:

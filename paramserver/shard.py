@@ -92,7 +92,7 @@ class ShardCore:
         if self.finished:
             return Outcome(self.version, False, True)
         if self._is_duplicate(worker, header.incarnation, header.seq):
-            return Outcome(self.version, True, self.finished)
+            return Outcome(self.version, worker not in self.pending, self.finished)
         verdict = self.policy.on_push(worker, header.clock, self.version, self.pending)
         if verdict == STALE:
             raise ProtocolError(f"push for round {header.clock} but round {self.version} is open; pull again", ErrorCode.STALE)
@@ -228,7 +228,11 @@ class ShardServer:
             self.core.rejected += 1
             if self.core.rejected <= 10 or self.core.rejected % 1000 == 0:
                 log.warning("shard %d rejected a message (%d so far): %s", self.core.index, self.core.rejected, e)
-            self.reply(identity, protocol.error_reply(_seq_of(body), e.code, str(e)))
+            self.reply(identity, protocol.error_reply(protocol.seq_of(body), e.code, str(e)))
+        except Exception as e:  # a bug must cost one request, never the shard
+            self.core.rejected += 1
+            log.exception("shard %d failed on a request", self.core.index)
+            self.reply(identity, protocol.error_reply(protocol.seq_of(body), ErrorCode.INTERNAL, repr(e)))
 
     def reply(self, identity: bytes, frames: list) -> int:
         try:
@@ -291,15 +295,3 @@ class ShardServer:
                 msg = f"pull at clock {header.clock} still blocked by consistency after {self.timeouts.pull_wait}s"
                 self.reply(identity, protocol.error_reply(header.seq, ErrorCode.WAIT_TIMEOUT, msg))
         self.deferred = [d for d in self.deferred if d[2] > now]
-
-
-def _seq_of(body: list) -> int:
-    """Best-effort sequence number of an undecodable request, so the error reply still matches."""
-    try:
-        import msgspec
-
-        raw = msgspec.msgpack.decode(body[0].bytes if hasattr(body[0], "bytes") else body[0])
-        seq = raw.get("seq", 0) if isinstance(raw, dict) else 0
-        return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
-    except Exception:  # anything at all: this only labels an error reply
-        return 0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,12 +145,22 @@ def partition(n: int, parts: int, index: int, seed: int) -> np.ndarray:
     return np.array_split(order, parts)[index % parts]
 
 
-def batches(indices: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless stream of batches over `indices`, reshuffled every epoch, deterministic in seed."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(indices)
-        for i in range(0, len(order) - batch_size + 1, batch_size):
-            yield order[i : i + batch_size]
-        if len(order) < batch_size:
-            yield order
+class Batches:
+    """The batch for each step, a pure function of (seed, step): epochs reshuffle.
+
+    A worker takes the batch of its clock, so a run rolled back to a checkpoint
+    replays exactly the batches it had lost and ends where an uninterrupted run
+    ends.
+    """
+
+    def __init__(self, indices: np.ndarray, batch_size: int, seed: tuple[int, ...]):
+        self.indices, self.batch_size, self.seed = indices, batch_size, tuple(seed)
+        self.per_epoch = max(1, len(indices) // batch_size)
+        self._epoch, self._order = -1, indices
+
+    def at(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._order = np.random.default_rng((*self.seed, epoch)).permutation(self.indices)
+        return self._order[i * self.batch_size : (i + 1) * self.batch_size]

@@ -19,10 +19,10 @@ def single_process(run: RunConfig, rounds: int) -> torch.Tensor:
     optimizer = (torch.optim.SGD(task.model.parameters(), lr=opt.lr, momentum=opt.momentum) if opt.name == "sgd"
                  else torch.optim.Adam(task.model.parameters(), lr=opt.lr))
     n = len(task.train[0])
-    streams = [tasks.batches(tasks.partition(n, WORKERS, p, run.seed), run.batch_size, seed=(run.seed, p))
+    streams = [tasks.Batches(tasks.partition(n, WORKERS, p, run.seed), run.batch_size, seed=(run.seed, p))
                for p in range(WORKERS)]
-    for _ in range(rounds):
-        idx = np.concatenate([next(s) for s in streams])
+    for step in range(rounds):
+        idx = np.concatenate([s.at(step) for s in streams])
         optimizer.zero_grad(set_to_none=False)
         task.loss(task.model(task.train[0][idx]), task.train[1][idx]).backward()
         optimizer.step()

@@ -77,12 +77,12 @@ class Trainer:
         self.params, self.grads = flatten_(self.task.model, self.layout)
         self.client = ShardClient(self.ctx, joined.shards, self.cfg.codec or run.codec)
         indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
-        self.batches = tasks.batches(indices, run.batch_size, seed=(run.seed, joined.partition))
+        self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
         self.clock = joined.clock
 
     def _loop(self, run: RunConfig) -> str:
-        batch, started = None, time.monotonic()
+        started = time.monotonic()
         timeouts = self.cfg.timeouts
         while True:
             if self.session.finish.is_set():
@@ -97,8 +97,7 @@ class Trainer:
                     return "finished"
                 if self.bsp:
                     self.clock = got.version  # in bsp the round number is the clock
-                batch = batch if batch is not None else next(self.batches)
-                self._compute(batch)
+                self._compute(self.batches.at(self.clock))
                 pushed = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
                                           self.clock, got.version, timeouts.request_timeout)
             except RemoteError as e:
@@ -107,7 +106,6 @@ class Trainer:
             except DeadlineExceeded as e:
                 self._check_server(e)
                 continue
-            batch = None
             self.clock += 1
             self.steps += 1
             self._report(started)
