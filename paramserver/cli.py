@@ -8,8 +8,18 @@ import click
 
 from . import admin
 from . import log as logsetup
+from .config import CheckpointConfig
 from .errors import ConfigError
-from .options import RUN_OPTIONS, TIMEOUT_OPTIONS, apply, friendly, opt, run_config, timeouts
+from .options import (
+    RUN_OPTIONS,
+    SERVER_TIMEOUTS,
+    TIMEOUT_OPTIONS,
+    apply,
+    friendly,
+    opt,
+    run_config,
+    timeouts,
+)
 
 LOG_LEVEL = opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 
@@ -33,23 +43,56 @@ def server():
 @opt("--shards", "SHARDS", default=1, type=click.IntRange(min=1), help="number of shard processes")
 @opt("--max-steps", "MAX_STEPS", default=0, type=click.IntRange(min=0),
      help="end the run after this many applied updates (a bsp round is one); 0: run until stopped")
+@opt("--checkpoint-dir", "CHECKPOINT_DIR", default="", help="write checkpoints here (empty: none)")
+@opt("--checkpoint-every", "CHECKPOINT_EVERY", default=CheckpointConfig.every, type=click.FloatRange(min=0.1),
+     help="seconds between checkpoints; one more is written at clean shutdown")
+@opt("--keep", "CHECKPOINT_KEEP", default=CheckpointConfig.keep, type=click.IntRange(min=1), help="checkpoints kept")
+@opt("--resume", "RESUME", default="", help="continue the run whose checkpoints are in this directory")
+@opt("--advertise", "ADVERTISE", default="", help="host name workers should connect to (default: the bind host)")
+@opt("--insecure", "INSECURE", is_flag=True, default=False,
+     help="allow binding a non-loopback interface without authentication")
+@opt("--exit-when-idle", "EXIT_WHEN_IDLE", default=0.0, type=click.FloatRange(min=0),
+     help="end the run when no worker has been live for this many seconds (0: never)")
 @apply(RUN_OPTIONS)
-@apply(TIMEOUT_OPTIONS)
+@apply(SERVER_TIMEOUTS)
 @LOG_LEVEL
 @friendly
-def start(host, port, shards, max_steps, log_level, **kw):
+def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep, resume, advertise, insecure,
+          exit_when_idle, log_level, **kw):
     """Start the coordinator and SHARDS shard processes; run until stopped or --max-steps."""
+    import dataclasses
+
+    from . import cluster
+
     logsetup.setup(log_level)
+    cluster.check_bind(host, insecure)
     t, run = timeouts(kw), run_config(kw, max_steps)
+    t = dataclasses.replace(t, exit_when_idle=exit_when_idle)
     _check(run)
+    spec = cluster.ServerSpec(run=run, host=host, port=port, shards=shards, timeouts=t, log_level=log_level,
+                              checkpoints=CheckpointConfig(checkpoint_dir, checkpoint_every, keep), resume=resume,
+                              advertise=advertise)
 
     def ready(address):
         click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
 
-    from . import cluster
-
-    final = cluster.serve(run, host, port, shards, t, log_level, on_ready=ready)
+    final = cluster.serve(spec, on_ready=ready)
     click.echo(f"run ended after {final['updates']} updates", err=True)
+
+
+@server.command()
+@opt("--checkpoint", "CHECKPOINT", required=True, help="a checkpoint directory (or the --checkpoint-dir holding several: the newest)")
+@opt("--out", "EXPORT_OUT", required=True, help="the safetensors file to write")
+@friendly
+def export(checkpoint, out):
+    """Write a checkpoint's weights as one safetensors file for `model.load_state_dict`."""
+    import os
+
+    from . import checkpoint as ckpt_mod
+
+    found = ckpt_mod.verify(checkpoint) if os.path.isfile(os.path.join(checkpoint, "manifest.json")) else ckpt_mod.latest(checkpoint)
+    state = ckpt_mod.export(found, out)
+    click.echo(f"wrote {out}: {len(state)} tensors from {found.path} (step {found.manifest['updates']})", err=True)
 
 
 @server.command()

@@ -7,18 +7,22 @@ deadline. A shard exits by itself when its launcher disappears.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
 import queue as queue_mod
+import signal
+import socket
 import time
+from dataclasses import dataclass, field
 
 import torch
 import zmq
 
+from . import checkpoint, protocol, sharding, tasks
 from . import log as logsetup
-from . import protocol, sharding, tasks
-from .config import RunConfig, Timeouts
+from .config import CheckpointConfig, RunConfig, Timeouts
 from .coordinator import Coordinator
 from .errors import ConfigError, PSError
 from .shard import ShardCore, ShardServer
@@ -34,24 +38,73 @@ def initial_weights(run: RunConfig) -> tuple[sharding.Layout, torch.Tensor]:
     return layout, torch.cat([p.detach().reshape(-1).float() for p in model.parameters()])
 
 
-def shard_main(index, chunks, run, address, timeouts, ready, parent_pid, log_level="info"):
-    logsetup.setup(log_level)
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything `ps-server start` needs; picklable, so a spawned process can take it."""
+
+    run: RunConfig
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: random ports (tests, simulations)
+    shards: int = 1
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: str = ""  # a checkpoint root to resume from
+    log_level: str = "info"
+    # the host name workers are told to connect to; "" : the bind host, or this
+    # machine's name when binding every interface
+    advertise: str = ""
+
+    @property
+    def public_host(self) -> str:
+        if self.advertise:
+            return self.advertise
+        return socket.gethostname() if self.host in WILDCARDS else self.host
+
+
+WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
+LOOPBACK = ("127.", "localhost", "::1", "[::1]")
+
+
+def check_bind(host: str, insecure: bool) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine unless told to."""
+    if host.startswith(LOOPBACK) or insecure:
+        return
+    raise ConfigError(
+        f"binding {host} would let anyone who reaches it push, pull and stop the run: "
+        "the server has no authentication yet (CURVE keys are planned). "
+        "Pass --insecure to bind anyway on a network you trust, or keep the default 127.0.0.1 "
+        "and reach it through an SSH tunnel (see launch/multi-host.md)")
+
+
+def _public(address: str, host: str) -> str:
+    """`address` with its host replaced by `host` (tcp only)."""
+    if not address.startswith("tcp://"):
+        return address
+    return f"tcp://{host}:{address.rsplit(':', 1)[1]}"
+
+
+def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, parent_pid):
+    # Ctrl-C in a terminal reaches the whole process group: the coordinator finishes
+    # the run and then stops us, so the last checkpoint still gets written
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logsetup.setup(spec.log_level)
     torch.set_num_threads(1)
+    run, timeouts = spec.run, spec.timeouts
     _, flat = initial_weights(run)
     lo, hi = (chunks[0].start, chunks[-1].stop) if chunks else (0, 0)
     ctx = zmq.Context()
     try:
         core = ShardCore(index, chunks, flat[lo:hi], run, timeouts.min_workers_wait)
-        server = ShardServer(ctx, core, address, timeouts)
-    except zmq.ZMQError as e:
-        ready.put((index, None, f"shard {index} cannot bind {address}: {e}"))
+        if resume_file:
+            core.restore(*checkpoint.load_shard(resume_file))
+        server = ShardServer(ctx, core, address, timeouts, spec.checkpoints.directory)
+    except (zmq.ZMQError, PSError, OSError) as e:
+        ready.put((index, None, f"shard {index} at {address}: {e}"))
+        ctx.term()
         return
     ready.put((index, server.address, None))
-    log.info("shard %d serving %d parameters at %s", index, hi - lo, server.address)
-    try:
-        server.serve(parent_pid=parent_pid)
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the launcher stops us
-        pass
+    log.info("shard %d serving %d parameters at %s (version %d)", index, hi - lo, server.address, core.version)
+    server.serve(parent_pid=parent_pid)
     ctx.term()
 
 
@@ -59,23 +112,24 @@ def shard_address(host: str, port: int, index: int) -> str:
     return f"tcp://{host}:{port + 1 + index if port else 0}"
 
 
-def start_shards(run: RunConfig, host: str, port: int, count: int, timeouts: Timeouts, log_level: str = "info"):
-    """Spawn `count` shard processes; returns (processes, shard specs) once all are bound."""
-    layout, _ = initial_weights(run)
-    plan = sharding.plan(layout.total, count, run.chunk_elems)
+def start_shards(spec: ServerSpec, resume: checkpoint.Checkpoint | None = None):
+    """Spawn the shard processes; returns (processes, shard specs) once all are bound."""
+    layout, _ = initial_weights(spec.run)
+    plan = sharding.plan(layout.total, spec.shards, spec.run.chunk_elems)
     ready = SPAWN.Queue()
     procs = []
     for i, chunks in enumerate(plan):
+        resume_file = resume.shard_file(i) if resume else ""
         p = SPAWN.Process(target=shard_main, name=f"ps-shard-{i}",
-                          args=(i, chunks, run, shard_address(host, port, i), timeouts, ready, os.getpid(), log_level))
+                          args=(i, chunks, spec, shard_address(spec.host, spec.port, i), resume_file, ready, os.getpid()))
         p.start()
         procs.append(p)
     try:
-        addresses = _collect(ready, count, procs, timeouts.startup)
+        addresses = _collect(ready, spec.shards, procs, spec.timeouts.startup)
     except BaseException:
         stop_processes(procs, 1.0)
         raise
-    specs = [protocol.ShardSpec(index=i, address=addresses[i], chunks=[(c.key, c.start, c.stop) for c in chunks])
+    specs = [protocol.ShardSpec(index=i, address=_public(addresses[i], spec.public_host), chunks=[(c.key, c.start, c.stop) for c in chunks])
              for i, chunks in enumerate(plan)]
     return procs, specs
 
@@ -93,7 +147,7 @@ def _collect(ready, count: int, procs, timeout: float) -> dict[int, str]:
                 raise PSError(f"{', '.join(dead)} exited during start-up; see its log above") from None
             continue
         if error:
-            raise ConfigError(f"{error}; choose another --port")
+            raise ConfigError(error)
         addresses[index] = address
     return addresses
 
@@ -112,35 +166,86 @@ def stop_processes(procs, timeout: float) -> None:
             p.join(2.0)
 
 
-def serve(run: RunConfig, host: str, port: int, shards: int, timeouts: Timeouts,
-          log_level: str = "info", on_ready=None) -> dict:
-    """Run a whole server (S shard processes + the coordinator here) until the run ends."""
-    procs, specs = start_shards(run, host, port, shards, timeouts, log_level)
+def prepare(spec: ServerSpec) -> tuple[ServerSpec, checkpoint.Checkpoint | None]:
+    """Check the checkpoint options; on --resume, the run config comes from the checkpoint."""
+    if not spec.resume:
+        if spec.checkpoints.directory and checkpoint.complete(spec.checkpoints.directory):
+            raise ConfigError(f"{spec.checkpoints.directory} already holds checkpoints; continue that run with "
+                              f"--resume {spec.checkpoints.directory}, or choose an empty --checkpoint-dir")
+        return spec, None
+    ckpt = checkpoint.latest(spec.resume)
+    saved = RunConfig.from_wire(ckpt.manifest["config"])
+    if saved.task != spec.run.task:
+        raise ConfigError(f"{ckpt.path} is a checkpoint of task {saved.task!r}, not {spec.run.task!r}; "
+                          "pass the same --task (or none) to resume it")
+    layout, _ = initial_weights(saved)
+    if checkpoint.signature(layout) != ckpt.manifest["signature"]:
+        raise ConfigError(f"{ckpt.path}: the model of task {saved.task!r} no longer matches the checkpoint "
+                          "(parameter names or shapes changed)")
+    if len(ckpt.manifest["shards"]) != spec.shards:
+        raise ConfigError(f"{ckpt.path} was written by {len(ckpt.manifest['shards'])} shards; "
+                          f"resume with --shards {len(ckpt.manifest['shards'])}")
+    saved = dataclasses.replace(saved, max_steps=spec.run.max_steps or saved.max_steps)
+    directory = spec.checkpoints.directory or spec.resume
+    return dataclasses.replace(spec, run=saved, checkpoints=dataclasses.replace(spec.checkpoints, directory=directory)), ckpt
+
+
+def serve(spec: ServerSpec, on_ready=None) -> dict:
+    """Run a whole server (shard processes + the coordinator here) until the run ends."""
+    spec, resume = prepare(spec)
+    if resume:
+        log.info("resuming run %s from %s (step %d)", resume.manifest["run_id"], resume.path, resume.manifest["updates"])
+    procs, specs = start_shards(spec, resume)
     ctx = zmq.Context()
     try:
         try:
-            coordinator = Coordinator(ctx, f"tcp://{host}:{port}", run, specs, timeouts)
+            coordinator = Coordinator(ctx, f"tcp://{spec.host}:{spec.port}", spec.run, specs, spec.timeouts,
+                                      initial_weights(spec.run)[0], spec.checkpoints, resume)
         except zmq.ZMQError as e:
-            raise ConfigError(f"cannot bind tcp://{host}:{port}: {e}; choose another --port") from e
-        log.info("coordinator at %s; %d shards; %s", coordinator.address, shards, run.consistency)
+            raise ConfigError(f"cannot bind tcp://{spec.host}:{spec.port}: {e}; choose another --port") from e
+        log.info("coordinator at %s; %d shards; %s", coordinator.address, spec.shards, spec.run.consistency)
         if on_ready:
-            on_ready(coordinator.address)
-        try:
-            coordinator.serve()
-        except KeyboardInterrupt:
-            log.info("interrupted; stopping shards")
-            coordinator._stop_shards()
+            on_ready(_public(coordinator.address, spec.public_host))
+        supervisor = _Supervisor(spec, procs)
+        coordinator.serve(watch=supervisor.watch)
+        if supervisor.failed:
+            raise PSError(supervisor.failed)
         return coordinator.status()
     finally:
-        stop_processes(procs, timeouts.shutdown_grace)
+        stop_processes(procs, spec.timeouts.shutdown_grace)
         ctx.term()
 
 
-def server_main(run, host, port, shards, timeouts, ready, log_level="info"):
+class _Supervisor:
+    """Restarts every shard from the newest checkpoint when one dies (the shards must agree)."""
+
+    def __init__(self, spec: ServerSpec, procs: list):
+        self.spec, self.procs, self.failed = spec, procs, ""
+
+    def watch(self, coordinator: Coordinator) -> None:
+        dead = [p for p in self.procs if p.exitcode is not None]
+        if not dead or coordinator.state == "stopped":
+            return
+        names = ", ".join(f"{p.name} (exit {p.exitcode})" for p in dead)
+        root = self.spec.checkpoints.directory
+        if coordinator.state != "run" or not (root and checkpoint.complete(root)):
+            self.failed = f"{names} died and there is no checkpoint to restart from; run ended"
+            log.error(self.failed)
+            coordinator.state = "stopped"
+            return
+        ckpt = checkpoint.latest(root)
+        log.error("%s died; restarting all shards from %s (step %d)", names, ckpt.path, ckpt.manifest["updates"])
+        stop_processes(self.procs, 0.0)
+        procs, specs = start_shards(dataclasses.replace(self.spec, resume=root), ckpt)
+        self.procs[:] = procs
+        coordinator.restart(specs, ckpt)
+
+
+def server_main(spec: ServerSpec, ready):
     """Entry point of a spawned server process (used by ps-sim and the tests)."""
-    logsetup.setup(log_level)
+    logsetup.setup(spec.log_level)
     torch.set_num_threads(1)
     try:
-        serve(run, host, port, shards, timeouts, log_level, on_ready=lambda a: ready.put((a, None)))
+        serve(spec, on_ready=lambda a: ready.put((a, None)))
     except PSError as e:
         ready.put((None, str(e)))

@@ -28,14 +28,26 @@ class Timeouts:
     # a pull deferred by bsp/ssp waits at most this long on the shard, then gets
     # an error reply and the worker asks again (membership will have moved on)
     pull_wait: float = 30.0
-    # a worker keeps trying to reach a server that is not (yet) there this long
-    connect_timeout: float = 60.0
+    # a worker keeps trying to reach a server that is not (yet) there, or that
+    # went away, this long before it gives up with an error
+    reconnect_timeout: float = 120.0
     # after the run ends, how long the coordinator waits for workers to say goodbye
     shutdown_grace: float = 5.0
     # how long a launcher waits for a spawned shard to bind and report its address
     startup: float = 60.0
     # bsp with --min-workers: a round short of workers waits this long, then closes anyway
     min_workers_wait: float = 60.0
+    # end the run once no worker has been live this long; 0: never
+    exit_when_idle: float = 0.0
+    # how long the shards get to write one checkpoint before it is abandoned
+    checkpoint_write: float = 60.0
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    directory: str = ""  # "" : no checkpoints
+    every: float = 30.0  # seconds between checkpoints (and one at clean shutdown)
+    keep: int = 3  # newest complete checkpoints kept on disk
 
 
 @dataclass(frozen=True)
@@ -104,8 +116,8 @@ class RunConfig:
             raise ConfigError("max steps, partitions and min workers must be >= 0")
         if self.aggregate not in AGGREGATES:
             raise ConfigError(f"unknown aggregate {self.aggregate!r}: use one of {', '.join(AGGREGATES)}")
-        if self.chunk_elems < 1024:
-            raise ConfigError("chunk size must be at least 1024 elements")
+        if not 1024 <= self.chunk_elems <= 4 << 20:
+            raise ConfigError("chunk size must be 1024 to 4194304 elements (16 MB frames at most)")
 
     def to_wire(self) -> dict:
         d = dataclasses.asdict(self)

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 
 import msgspec
 import zmq
 
-from . import protocol, transport
-from .config import RunConfig, Timeouts
+from . import checkpoint, protocol, transport
+from .config import CheckpointConfig, RunConfig, Timeouts
 from .errors import ProtocolError
 from .protocol import VERSION, ErrorCode
+from .sharding import Layout
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +46,17 @@ class Members:
         self.timeout, self.partitions = heartbeat_timeout, partitions
         self.live: dict[int, Member] = {}
         self.incarnations: dict[int, int] = {}  # every id ever seen -> its newest incarnation
+        self.saved_clocks: dict[int, int] = {}  # from a checkpoint: where returning workers resume
         self.version = 0  # bumps on every change of the live set
 
     def join(self, requested: int, host: str, pid: int, now: float) -> Member:
-        known = requested >= 0 and requested in self.incarnations
-        worker = requested if known else max(self.incarnations, default=-1) + 1
+        # a worker asking for its old id gets it back (after a drop, or a server restart)
+        worker = requested if requested >= 0 else max(self.incarnations, default=-1) + 1
         incarnation = self.incarnations.get(worker, -1) + 1
         self.incarnations[worker] = incarnation
         partition = worker % self.partitions if self.partitions else worker
         # a newcomer starts at the slowest live clock, so ssp never sees it as far behind
-        clock = min((m.clock for m in self.live.values()), default=0)
+        clock = min((m.clock for m in self.live.values()), default=self.saved_clocks.pop(worker, 0))
         member = Member(worker, incarnation, partition, host, pid, clock, now, now)
         self.live[worker] = member
         self.version += 1
@@ -83,13 +86,31 @@ class Members:
             self.version += 1
         return dead
 
+    def snapshot(self) -> dict:
+        clocks = {**self.saved_clocks, **{w: m.clock for w, m in self.live.items()}}
+        return {str(w): {"incarnation": inc, "clock": clocks.get(w, 0)} for w, inc in self.incarnations.items()}
+
+    def restore(self, saved: dict) -> None:
+        self.incarnations = {int(w): v["incarnation"] for w, v in saved.items()}
+        self.saved_clocks = {int(w): v["clock"] for w, v in saved.items()}
+
+    def reset(self, saved: dict) -> None:
+        """Back to a checkpoint's table: nobody is live until they rejoin."""
+        newest = dict(self.incarnations)
+        self.restore(saved)
+        self.incarnations.update(newest)  # incarnations only ever grow
+        self.live.clear()
+        self.version += 1
+
     def table(self) -> dict[int, tuple[int, int]]:
         return {w: (m.incarnation, m.clock) for w, m in self.live.items()}
 
 
 class Coordinator:
-    def __init__(self, ctx: zmq.Context, address: str, run: RunConfig, shards: list[protocol.ShardSpec], timeouts: Timeouts):
-        self.run, self.shards, self.timeouts = run, shards, timeouts
+    def __init__(self, ctx: zmq.Context, address: str, run: RunConfig, shards: list[protocol.ShardSpec],
+                 timeouts: Timeouts, layout: Layout | None = None, checkpoints: CheckpointConfig | None = None,
+                 resume: checkpoint.Checkpoint | None = None):
+        self.run, self.shards, self.timeouts, self.layout = run, shards, timeouts, layout
         self.sock = transport.socket(ctx, zmq.ROUTER)
         self.address = transport.bind(self.sock, address)
         self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}") for s in shards]
@@ -98,7 +119,14 @@ class Coordinator:
         self.state = "run"  # run -> finish -> stopped
         self.finish_deadline = float("inf")
         self._sent_version, self._sent_at = -1, 0.0
-        self.started = time.monotonic()
+        self.started = self.idle_since = time.monotonic()
+        self.epoch = 0  # bumps when the shards are restarted from a checkpoint
+        self._round_rate, self._rate_mark = 0.0, {}
+        self.run_id = resume.manifest["run_id"] if resume else uuid.uuid4().hex
+        self.checkpoints = checkpoint.Orchestrator(checkpoints or CheckpointConfig(), self.run_id, resume.number if resume else 0,
+                                                   timeouts.checkpoint_write)
+        if resume:
+            self.members.restore(resume.manifest["members"])
         self.handlers = {
             protocol.Join: self.on_join,
             protocol.Heartbeat: self.on_heartbeat,
@@ -110,18 +138,36 @@ class Coordinator:
     def __repr__(self) -> str:
         return f"<Coordinator {self.address} {self.state} live={len(self.members.live)}>"
 
-    def serve(self, until: float = float("inf")) -> None:
+    def serve(self, until: float = float("inf"), watch=None) -> None:
+        """Serve until the run ends or `until` (monotonic); `watch()` runs every tick."""
+        try:
+            while self.state != "stopped" and time.monotonic() < until:
+                try:
+                    self._pump(100)
+                    self.tick(time.monotonic())
+                    if watch is not None:
+                        watch(self)
+                except KeyboardInterrupt:
+                    self._interrupted()
+        finally:
+            self.close()
+
+    def _interrupted(self) -> None:
+        """First Ctrl-C: finish the run as --max-steps would. Second: stop now."""
+        if self.state == "run":
+            log.warning("interrupted: telling workers to finish (Ctrl-C again to stop at once)")
+            self.finish(time.monotonic())
+        else:
+            log.warning("interrupted again: stopping now")
+            self._stop_shards()
+
+    def _pump(self, timeout_ms: int) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         for ch in self.channels:
             poller.register(ch.sock, zmq.POLLIN)
-        try:
-            while self.state != "stopped" and time.monotonic() < until:
-                for sock, _ in poller.poll(100):
-                    self._dispatch(sock)
-                self.tick(time.monotonic())
-        finally:
-            self.close()
+        for sock, _ in poller.poll(timeout_ms):
+            self._dispatch(sock)
 
     def _dispatch(self, sock: zmq.Socket) -> None:
         if sock is self.sock:
@@ -132,19 +178,107 @@ class Coordinator:
         except ProtocolError as e:
             log.warning("malformed reply from a shard: %s", e)
             return
-        if isinstance(msg.header, protocol.ShardStats):
-            self.stats[msg.header.index] = msg.header
+        h = msg.header
+        if isinstance(h, protocol.ShardStats):
+            self._observe_rate(h)
+            self.stats[h.index] = h
+        elif isinstance(h, protocol.CheckpointOk):
+            self.checkpoints.on_reply(h)
+        elif isinstance(h, protocol.Error) and h.code == ErrorCode.CHECKPOINT_MISSED:
+            self.checkpoints.abandon(h.message)
+        elif isinstance(h, protocol.Error):
+            log.warning("a shard answered with an error: %s: %s", h.code, h.message)
 
     def tick(self, now: float) -> None:
         for m in self.members.expire(now):
             log.warning("worker %d (%s) missed heartbeats for %.1fs: dropped", m.worker_id, m.host, self.timeouts.heartbeat_timeout)
         if self.members.version != self._sent_version or now - self._sent_at > self.timeouts.heartbeat_interval:
             self._tell_shards(now)
+        self._tick_checkpoints()
+        if self.members.live:
+            self.idle_since = now
         if self.state == "run" and self._run_over():
             log.info("run complete after %d updates; telling workers to finish", self.updates())
-            self.state, self.finish_deadline = "finish", now + self.timeouts.shutdown_grace
+            self.finish(now)
+        idle = self.timeouts.exit_when_idle
+        if self.state == "run" and idle and now - self.idle_since > idle:
+            log.info("no worker for %.0fs (--exit-when-idle); ending the run", idle)
+            self.finish(now)
         if self.state == "finish" and (not self.members.live or now > self.finish_deadline):
+            self.final_checkpoint()
             self._stop_shards()
+
+    def _observe_rate(self, h: protocol.ShardStats) -> None:
+        """Rounds per second, smoothed: how far ahead a bsp checkpoint must aim."""
+        now, last = time.monotonic(), self._rate_mark.get(h.index)
+        self._rate_mark[h.index] = (now, h.version)
+        if last and now > last[0] and h.version >= last[1]:
+            rate = (h.version - last[1]) / (now - last[0])
+            self._round_rate = 0.7 * self._round_rate + 0.3 * rate
+
+    def finish(self, now: float) -> None:
+        self.state, self.finish_deadline = "finish", now + self.timeouts.shutdown_grace
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def _tick_checkpoints(self) -> None:
+        cp = self.checkpoints
+        if cp.complete(len(self.shards)):
+            cp.publish(self._manifest())
+        elif cp.expired():
+            cp.abandon(f"not every shard answered within {self.timeouts.checkpoint_write}s")
+        elif cp.due() and self.state == "run" and len(self.stats) == len(self.shards):
+            self._start_checkpoint(final=False)
+
+    def _start_checkpoint(self, final: bool) -> None:
+        # bsp shards may be a round apart: ask all for the same round, one ahead, unless
+        # nothing will advance them (no live worker, or the run is ending)
+        exact = self.run.consistency.mode == "bsp" and not final and bool(self.members.live)
+        # far enough ahead that no shard has passed it by the time the request lands
+        ahead = 2 + int(self._round_rate * 2 * self.timeouts.heartbeat_interval)
+        at = max((s.version for s in self.stats.values()), default=0) + ahead if exact else 0
+        name, number = self.checkpoints.start()
+        for i, ch in enumerate(self.channels):
+            seq = ch.next_seq()
+            self.checkpoints.current.seqs[i] = seq
+            ch.send(protocol.Checkpoint(v=VERSION, seq=seq, directory=name, number=number, at_version=at, exact=exact))
+
+    def final_checkpoint(self) -> None:
+        """One last checkpoint before the shards stop (clean shutdown), bounded by its deadline."""
+        cp = self.checkpoints
+        if not cp.enabled:
+            return
+        if cp.current is not None:
+            cp.abandon("superseded by the final checkpoint")
+        self._start_checkpoint(final=True)
+        while cp.current is not None and not cp.expired() and not cp.complete(len(self.shards)):
+            self._pump(100)
+        self._tick_checkpoints()
+
+    def restart(self, shards: list[protocol.ShardSpec], ckpt: checkpoint.Checkpoint) -> None:
+        """The shards were restarted from `ckpt`: every worker rejoins and pulls again."""
+        if self.checkpoints.current is not None:
+            self.checkpoints.abandon("shards restarted")
+        ctx = self.sock.context
+        for ch in self.channels:
+            ch.close()
+        self.shards, self.stats = shards, {}
+        self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}") for s in shards]
+        self.members.reset(ckpt.manifest["members"])
+        self.epoch += 1
+        self._sent_version = -1
+
+    def _manifest(self) -> dict:
+        layout = self.layout
+        return {
+            "config": self.run.to_wire(),
+            "signature": checkpoint.signature(layout) if layout else "",
+            "total": layout.total if layout else 0,
+            "layout": [{"name": e.name, "shape": list(e.shape), "offset": e.offset, "numel": e.numel}
+                       for e in (layout.entries if layout else ())],
+            "shards": [{"index": s.index, "address": s.address, "chunks": [list(c) for c in s.chunks]} for s in self.shards],
+            "members": self.members.snapshot(),
+        }
 
     def _run_over(self) -> bool:
         if not self.run.max_steps or len(self.stats) < len(self.shards):
@@ -155,10 +289,10 @@ class Coordinator:
         return min((s.updates for s in self.stats.values()), default=0)
 
     def _tell_shards(self, now: float) -> None:
-        live, finishing = self.members.table(), self.state != "run"
+        live = self.members.table()
         for ch in self.channels:
             try:
-                ch.send(protocol.Membership(v=VERSION, seq=ch.next_seq(), live=live, finishing=finishing))
+                ch.send(protocol.Membership(v=VERSION, seq=ch.next_seq(), live=live))
             except zmq.Again:
                 pass
         self._sent_version, self._sent_at = self.members.version, now
@@ -200,14 +334,15 @@ class Coordinator:
         log.info("worker %d joined from %s (pid %d), incarnation %d, clock %d", m.worker_id, h.host, h.pid, m.incarnation, m.clock)
         self._tell_shards(time.monotonic())
         return protocol.JoinOk(
-            v=VERSION, seq=h.seq, worker_id=m.worker_id, incarnation=m.incarnation, clock=m.clock,
+            v=VERSION, seq=h.seq, worker_id=m.worker_id, incarnation=m.incarnation, clock=m.clock, epoch=self.epoch,
+            heartbeat_interval=self.timeouts.heartbeat_interval,
             partition=m.partition, config=self.run.to_wire(), shards=self.shards,
         )
 
     def on_heartbeat(self, h: protocol.Heartbeat):
         known = self.members.heartbeat(h, time.monotonic())
         state = "finish" if self.state != "run" else ("run" if known else "rejoin")
-        return protocol.HeartbeatOk(v=VERSION, seq=h.seq, state=state)
+        return protocol.HeartbeatOk(v=VERSION, seq=h.seq, state=state, epoch=self.epoch)
 
     def on_leave(self, h: protocol.Leave):
         if self.members.leave(h.worker_id, h.incarnation):
@@ -221,7 +356,7 @@ class Coordinator:
     def on_stop(self, h: protocol.Stop):
         log.info("stop requested")
         if self.state == "run":
-            self.state, self.finish_deadline = "finish", time.monotonic() + self.timeouts.shutdown_grace
+            self.finish(time.monotonic())
         return protocol.Ack(v=VERSION, seq=h.seq)
 
     def status(self) -> dict:
@@ -230,6 +365,9 @@ class Coordinator:
         return {
             "state": self.state,
             "address": self.address,
+            "run_id": self.run_id,
+            "epoch": self.epoch,
+            "checkpoints_written": self.checkpoints.written,
             "uptime": now - self.started,
             "config": self.run.to_wire(),
             "updates": self.updates(),

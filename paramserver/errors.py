@@ -6,6 +6,7 @@
     ├── RemoteError          the peer answered with an error reply
     │   └── (code, message) carry the remote type; see protocol.ErrorCode
     ├── DeadlineExceeded     a wait ran past its deadline (every wait has one)
+    ├── Interrupted          a wait given up early because the caller's state changed
     └── ServerUnavailable    no answer from the server within the reconnect deadline
 
 Lower-level errors (zmq, msgspec) are translated at the transport boundary.
@@ -39,6 +40,10 @@ class RemoteError(PSError):
 
 class DeadlineExceeded(PSError, TimeoutError):
     """A request or wait did not finish before its deadline."""
+
+
+class Interrupted(PSError):
+    """A wait was abandoned early: the run ended, or the worker must rejoin."""
 
 
 class ServerUnavailable(PSError):

@@ -33,18 +33,23 @@ RUN_OPTIONS = [
         help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
     opt("--min-workers", "MIN_WORKERS", default=_RUN.min_workers, type=click.IntRange(min=0),
         help="bsp: a round waits (bounded) for pushes from at least this many workers"),
-    opt("--codec", "CODEC", default=_RUN.codec, help="gradient codec for pushes: none | fp16"),
+    opt("--codec", "CODEC", default=_RUN.codec, help="default gradient codec for pushes: none | fp16 | bf16 | topk:RATIO[:noef] | sign[:noef] | qsgd:BITS | package.module:Class"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
 ]
 
-TIMEOUT_OPTIONS = [
-    opt("--heartbeat-interval", "HEARTBEAT_INTERVAL", default=_TIME.heartbeat_interval, type=float, help="seconds between worker heartbeats"),
-    opt("--heartbeat-timeout", "HEARTBEAT_TIMEOUT", default=_TIME.heartbeat_timeout, type=float,
+SERVER_TIMEOUTS = [
+    opt("--heartbeat-interval", "HEARTBEAT_INTERVAL", default=_TIME.heartbeat_interval, type=click.FloatRange(min=0.01),
+        help="seconds between worker heartbeats (workers are told at join)"),
+    opt("--heartbeat-timeout", "HEARTBEAT_TIMEOUT", default=_TIME.heartbeat_timeout, type=click.FloatRange(min=0.05),
         help="a worker silent this long is dropped from every barrier"),
-    opt("--request-timeout", "REQUEST_TIMEOUT", default=_TIME.request_timeout, type=float, help="deadline of one request"),
-    opt("--connect-timeout", "CONNECT_TIMEOUT", default=_TIME.connect_timeout, type=float,
-        help="how long a worker keeps trying to reach the server"),
 ]
+WORKER_TIMEOUTS = [
+    opt("--request-timeout", "REQUEST_TIMEOUT", default=_TIME.request_timeout, type=click.FloatRange(min=0.1),
+        help="deadline of one request to the server"),
+    opt("--reconnect-timeout", "RECONNECT_TIMEOUT", default=_TIME.reconnect_timeout, type=click.FloatRange(min=0.1),
+        help="how long a worker keeps trying to reach a server that is not there (yet, or any more)"),
+]
+TIMEOUT_OPTIONS = SERVER_TIMEOUTS + WORKER_TIMEOUTS
 
 
 def apply(options):
@@ -66,8 +71,9 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
 
 
 def timeouts(kw: dict) -> Timeouts:
-    t = Timeouts(heartbeat_interval=kw.pop("heartbeat_interval"), heartbeat_timeout=kw.pop("heartbeat_timeout"),
-                 request_timeout=kw.pop("request_timeout"), connect_timeout=kw.pop("connect_timeout"))
+    """Timeouts from whichever of the timeout options this command has."""
+    names = ("heartbeat_interval", "heartbeat_timeout", "request_timeout", "reconnect_timeout")
+    t = Timeouts(**{n: kw.pop(n) for n in names if n in kw})
     if t.heartbeat_timeout <= t.heartbeat_interval:
         raise ConfigError("--heartbeat-timeout must be longer than --heartbeat-interval")
     return t

@@ -55,9 +55,9 @@ class ErrorCode:
     NOT_FINITE = "not_finite"  # NaN or Inf in a gradient
     NOT_MEMBER = "not_member"  # worker unknown or dropped: rejoin
     STALE = "stale"  # bsp push for a round already applied: pull again
-    NOT_READY = "not_ready"  # server still starting: retry
     WAIT_TIMEOUT = "wait_timeout"  # a deferred pull waited too long: retry
     FINISHED = "finished"  # the run is over
+    CHECKPOINT_MISSED = "checkpoint_missed"  # the shard is past the version asked for
     INTERNAL = "internal"  # a bug on the server, logged there with its traceback
 
 
@@ -98,6 +98,8 @@ class JoinOk(Header, tag="join_ok"):
     worker_id: Id
     incarnation: Count
     clock: Count
+    epoch: Count
+    heartbeat_interval: float  # the server's: beat this often or be dropped
     partition: Id
     config: dict
     shards: Annotated[list[ShardSpec], Meta(max_length=1024)]
@@ -114,6 +116,8 @@ class Heartbeat(Header, tag="heartbeat"):
 
 class HeartbeatOk(Header, tag="heartbeat_ok"):
     state: Literal["run", "finish", "rejoin"]
+    # bumps whenever the shards were restarted from a checkpoint: pull again
+    epoch: Count = 0
 
 
 class Leave(Header, tag="leave"):
@@ -143,7 +147,6 @@ class Ack(Header, tag="ack"):
 class Membership(Header, tag="membership"):
     # worker id -> (incarnation, clock it starts at)
     live: Annotated[dict[Id, tuple[Count, Count]], Meta(max_length=1 << 16)]
-    finishing: bool = False
 
 
 class ShardStats(Header, tag="shard_stats"):
@@ -160,6 +163,23 @@ class ShardStats(Header, tag="shard_stats"):
     max_staleness: Count
     max_clock_gap: int = 0  # ssp: the most a served pull led the slowest live worker
     pid: Count = 0
+
+
+class Checkpoint(Header, tag="checkpoint"):
+    directory: Text
+    number: Count
+    # bsp: write at exactly this version (all shards then hold the same round);
+    # otherwise write now
+    at_version: Count = 0
+    exact: bool = False
+
+
+class CheckpointOk(Header, tag="checkpoint_ok"):
+    index: Count
+    file: Name
+    sha256: Name
+    version: Count
+    updates: Count
 
 
 # -- data path: worker <-> shard ----------------------------------------------------
@@ -199,7 +219,7 @@ class Error(Header, tag="error"):
 
 Message = Union[  # noqa: UP007 (one line per group reads better than a chain of |)
     Join, JoinOk, Heartbeat, HeartbeatOk, Leave, Status, StatusOk, Stop, Ack,
-    Membership, ShardStats, Pull, PullOk, Push, PushOk, Error,
+    Membership, ShardStats, Checkpoint, CheckpointOk, Pull, PullOk, Push, PushOk, Error,
 ]
 
 _encoder = msgspec.msgpack.Encoder()

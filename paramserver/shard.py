@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import zmq
 
-from . import codecs, consistency, optim, protocol, transport
+from . import checkpoint, codecs, consistency, optim, protocol, transport
 from .config import RunConfig, Timeouts
 from .consistency import APPLY, DUPLICATE, QUEUE, STALE
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 from .protocol import VERSION, ErrorCode
 from .sharding import Chunk
 
@@ -172,6 +172,27 @@ class ShardCore:
             buffers.append(self._snapshot[c.start - self.lo : c.stop - self.lo])
         return metas, buffers
 
+    def meta(self) -> dict:
+        """What a checkpoint keeps besides the tensors."""
+        return {
+            "index": self.index, "lo": self.lo, "numel": self.numel, "version": self.version,
+            "updates": self.updates, "max_staleness": self.max_staleness,
+            "high_water": [[w, inc, seq] for w, (inc, seq) in self.high_water.items()],
+        }
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict, groups: list) -> None:
+        """Load a checkpoint written by this shard index; ConfigError if it does not fit."""
+        if meta["lo"] != self.lo or tensors["param"].numel() != self.numel:
+            raise ConfigError(f"shard {self.index}: checkpoint holds [{meta['lo']}:+{tensors['param'].numel()}], "
+                              f"this shard [{self.lo}:+{self.numel}]")
+        with torch.no_grad():
+            self.param.copy_(tensors["param"])
+        checkpoint.restore_optimizer(self.optimizer, tensors, groups)
+        self.version, self.updates = meta["version"], meta["updates"]
+        self.max_staleness = meta.get("max_staleness", 0)
+        self.high_water = {w: (inc, seq) for w, inc, seq in meta.get("high_water", [])}
+        self._snapshot_version = -1
+
     def waiting_for(self) -> list[int]:
         if self.policy.name != "bsp" or not self.pending:
             return []
@@ -184,11 +205,13 @@ class ShardCore:
 class ShardServer:
     """The I/O shell: a ROUTER socket serving workers (data) and the coordinator (control)."""
 
-    def __init__(self, ctx: zmq.Context, core: ShardCore, address: str, timeouts: Timeouts):
-        self.core, self.timeouts = core, timeouts
+    def __init__(self, ctx: zmq.Context, core: ShardCore, address: str, timeouts: Timeouts,
+                 checkpoint_root: str = ""):
+        self.core, self.timeouts, self.checkpoint_root = core, timeouts, checkpoint_root
         self.sock = transport.socket(ctx, zmq.ROUTER)
         self.address = transport.bind(self.sock, address)
         self.deferred: list[tuple[bytes, protocol.Pull, float]] = []
+        self.checkpoint_request: tuple[bytes, protocol.Checkpoint] | None = None
         self.bytes_pushed = self.bytes_pulled = 0
         self.running = True
         self.handlers = {
@@ -196,6 +219,7 @@ class ShardServer:
             protocol.Push: self.on_push,
             protocol.Membership: self.on_membership,
             protocol.Stop: self.on_stop,
+            protocol.Checkpoint: self.on_checkpoint,
         }
 
     def __repr__(self) -> str:
@@ -207,6 +231,7 @@ class ShardServer:
             if self.sock.poll(100):
                 self.handle(transport.recv(self.sock))
             if self.core.tick():
+                self._maybe_checkpoint()
                 self._serve_deferred()
             self._expire_deferred()
             if parent_pid is not None and os.getppid() != parent_pid:
@@ -224,6 +249,7 @@ class ShardServer:
             if handler is None:
                 raise ProtocolError(f"a shard does not serve {type(msg.header).__name__}", ErrorCode.UNKNOWN_OP)
             handler(identity, msg)
+            self._maybe_checkpoint()
         except ProtocolError as e:
             self.core.rejected += 1
             if self.core.rejected <= 10 or self.core.rejected % 1000 == 0:
@@ -276,6 +302,44 @@ class ShardServer:
     def on_stop(self, identity: bytes, msg: protocol.Decoded) -> None:
         self.reply(identity, protocol.encode(protocol.Ack(v=VERSION, seq=msg.header.seq)))
         self.running = False
+
+    def on_checkpoint(self, identity: bytes, msg: protocol.Decoded) -> None:
+        h = msg.header
+        # only a directory name under our own root: a message must not choose where we write
+        if not self.checkpoint_root or os.path.basename(h.directory) != h.directory \
+                or not h.directory.startswith(checkpoint.TMP):
+            raise ProtocolError(f"checkpoint directory {h.directory!r} refused (root {self.checkpoint_root!r})")
+        self.checkpoint_request = (identity, h)
+
+    def _maybe_checkpoint(self) -> None:
+        """Write a requested checkpoint once the shard is at the version asked for.
+
+        Called after every handled message: a message advances the version by at
+        most one, so an exact request is never stepped over.
+        """
+        if self.checkpoint_request is None:
+            return
+        identity, h = self.checkpoint_request
+        if h.exact and self.core.version < h.at_version:
+            return
+        self.checkpoint_request = None
+        if h.exact and self.core.version > h.at_version:
+            msg = f"shard {self.core.index} is at version {self.core.version}, past {h.at_version}"
+            reply = protocol.error_reply(h.seq, ErrorCode.CHECKPOINT_MISSED, msg)
+        else:
+            name = f"shard-{self.core.index}.safetensors"
+            try:
+                path = os.path.join(self.checkpoint_root, h.directory, name)
+                digest = checkpoint.save_shard(path, self.core.param,
+                                               self.core.optimizer, self.core.meta())
+            except Exception as e:  # disk full, directory removed (abandoned): the run goes on
+                log.warning("shard %d: checkpoint write failed: %s", self.core.index, e)
+                reply = protocol.error_reply(h.seq, ErrorCode.INTERNAL, f"checkpoint write failed: {e}")
+            else:
+                reply = protocol.encode(protocol.CheckpointOk(
+                    v=VERSION, seq=h.seq, index=self.core.index, file=name, sha256=digest,
+                    version=self.core.version, updates=self.core.updates))
+        self.reply(identity, reply)
 
     def _serve_deferred(self) -> None:
         waiting = []

@@ -56,11 +56,14 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
     """Run the simulation to the end; returns the report (also written to sim.report)."""
     from workers import WorkerConfig
 
+    if run.consistency.mode == "bsp" and not run.min_workers:
+        # the simulation knows how many workers are coming: no round before all are in
+        run = dataclasses.replace(run, min_workers=sim.workers)
     started = time.monotonic()
     deadline = started + sim.timeout
     ready, results = cluster.SPAWN.Queue(), cluster.SPAWN.Queue()
-    server = cluster.SPAWN.Process(target=cluster.server_main, name="ps-server",
-                                   args=(run, sim.host, 0, sim.shards, sim.timeouts, ready, sim.log_level))
+    spec = cluster.ServerSpec(run=run, host=sim.host, shards=sim.shards, timeouts=sim.timeouts, log_level=sim.log_level)
+    server = cluster.SPAWN.Process(target=cluster.server_main, name="ps-server", args=(spec, ready))
     server.start()
     procs = [server]
     ctx = zmq.Context()
@@ -73,6 +76,9 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
             p.start()
             procs.append(p)
         trained_from = _watch(ctx, address, procs[1:], sim, deadline)
+        failed = [f"{p.name} (exit code {p.exitcode})" for p in procs[1:] if p.exitcode != 0]
+        if failed:
+            raise PSError(f"{', '.join(failed)} failed; see the log above")
         worker_results = _drain(results, sim.workers)
         report = _evaluate(ctx, address, run, sim, worker_results)
         report["wall_seconds"] = time.monotonic() - started

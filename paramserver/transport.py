@@ -15,7 +15,7 @@ import time
 import zmq
 
 from . import protocol
-from .errors import DeadlineExceeded, ProtocolError, RemoteError
+from .errors import DeadlineExceeded, Interrupted, ProtocolError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +93,19 @@ class Channel:
     def send(self, header, buffers=()) -> None:
         self.bytes_sent += send(self.sock, protocol.encode(header, buffers))
 
-    def receive(self, seq: int, deadline: float) -> protocol.Decoded:
-        """The reply to `seq`, or DeadlineExceeded; an error reply becomes RemoteError."""
+    def receive(self, seq: int, deadline: float, cancel=None) -> protocol.Decoded:
+        """The reply to `seq`, or DeadlineExceeded; an error reply becomes RemoteError.
+
+        `cancel()`, checked every 100 ms, ends the wait early with Interrupted.
+        """
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 raise DeadlineExceeded(f"no reply from {self.name} within the deadline")
+            if not self.sock.poll(max(1, int(min(left, 0.1 if cancel else left) * 1000))):
+                if cancel is not None and cancel():
+                    raise Interrupted(f"wait for {self.name} interrupted")
+                continue
             frames = recv(self.sock)
             self.bytes_received += nbytes(frames)
             try:

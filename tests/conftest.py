@@ -6,7 +6,10 @@ a child process behind fails.
 
 from __future__ import annotations
 
+import dataclasses
 import queue as queue_mod
+import random
+import socket
 import threading
 import time
 
@@ -17,6 +20,7 @@ import zmq
 
 from paramserver import admin, cluster, sharding, tasks
 from paramserver.config import Consistency, RunConfig, Timeouts
+from paramserver.errors import DeadlineExceeded
 from paramserver.shard import ShardCore, ShardServer
 from paramserver.sim import worker_main
 from workers import WorkerConfig
@@ -24,22 +28,48 @@ from workers.client import fetch_weights
 
 # short enough that membership tests finish quickly, long enough for a loaded 2-core box
 FAST = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request_timeout=10.0, pull_wait=20.0,
-                connect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
+                reconnect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p..p+n-1 all free right now (a coordinator and its shards)."""
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
 
 
 class Cluster:
     """A running server (coordinator + shards) and the workers a test adds to it."""
 
-    def __init__(self, run: RunConfig, shards: int, timeouts: Timeouts):
+    def __init__(self, run: RunConfig, shards: int, timeouts: Timeouts, **server):
         self.run, self.timeouts = run, timeouts
         self.ctx = zmq.Context()
         self.results = cluster.SPAWN.Queue()
-        ready = cluster.SPAWN.Queue()
-        self.server = cluster.SPAWN.Process(target=cluster.server_main, name="test-server",
-                                            args=(run, "127.0.0.1", 0, shards, timeouts, ready, "warning"))
-        self.server.start()
         self.workers: list = []
-        address, error = ready.get(timeout=timeouts.startup)
+        self.servers: list = []
+        self.spec = cluster.ServerSpec(run=run, shards=shards, timeouts=timeouts, log_level="warning", **server)
+        self.start_server()
+
+    def start_server(self, **changes) -> None:
+        """Start (or, after a crash, restart) the server process; same port if it had one."""
+        self.spec = dataclasses.replace(self.spec, **changes)
+        ready = cluster.SPAWN.Queue()
+        self.server = cluster.SPAWN.Process(target=cluster.server_main, name="test-server", args=(self.spec, ready))
+        self.server.start()
+        self.servers.append(self.server)
+        address, error = ready.get(timeout=self.timeouts.startup)
         assert error is None, error
         self.address = address
 
@@ -78,7 +108,10 @@ class Cluster:
     def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            info = self.status()
+            try:
+                info = self.status()
+            except DeadlineExceeded:  # the coordinator may be busy restarting shards
+                continue
             if predicate(info):
                 return info
             time.sleep(0.1)
@@ -89,7 +122,7 @@ class Cluster:
             admin.stop(self.address, timeout=2.0, ctx=self.ctx)
         except Exception:  # already gone is fine: we kill by pid below
             pass
-        cluster.stop_processes([*self.workers, self.server], self.timeouts.shutdown_grace + 5)
+        cluster.stop_processes([*self.workers, *self.servers], self.timeouts.shutdown_grace + 5)
         self.ctx.term()
 
 
@@ -97,8 +130,8 @@ class Cluster:
 def make_cluster():
     made: list[Cluster] = []
 
-    def make(run: RunConfig | None = None, shards: int = 2, timeouts: Timeouts = FAST) -> Cluster:
-        c = Cluster(run or RunConfig(), shards, timeouts)
+    def make(run: RunConfig | None = None, shards: int = 2, timeouts: Timeouts = FAST, **server) -> Cluster:
+        c = Cluster(run or RunConfig(), shards, timeouts, **server)
         made.append(c)
         return c
 

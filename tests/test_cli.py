@@ -2,34 +2,15 @@
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from .conftest import free_port_block
+
 BIN = os.path.dirname(sys.executable)
-
-
-def free_port_block(n: int) -> int:
-    """A port p with p..p+n-1 all free right now (coordinator + shards)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 class Procs:
@@ -86,7 +67,7 @@ def test_server_and_workers_end_by_themselves_after_max_steps(procs):
 
 def test_worker_without_server_fails_clearly():
     port = free_port_block(1)
-    out = run("ps-worker", "join", "--server", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1.5", timeout=30)
+    out = run("ps-worker", "join", "--server", f"tcp://127.0.0.1:{port}", "--reconnect-timeout", "1.5", timeout=30)
     assert out.returncode != 0
     assert "no coordinator answered" in out.stderr
 

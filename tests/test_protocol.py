@@ -47,7 +47,7 @@ SPEC = P.ShardSpec(index=0, address="tcp://127.0.0.1:5556", chunks=[(0, 0, 4096)
 
 EXAMPLES = [  # (header, tensor frames)
     (P.Join(v=1, seq=1, worker_id=-1, host="edge-7", pid=4242), []),
-    (P.JoinOk(v=1, seq=2, worker_id=5, incarnation=1, clock=9, partition=1,
+    (P.JoinOk(v=1, seq=2, worker_id=5, incarnation=1, clock=9, epoch=2, heartbeat_interval=0.5, partition=1,
               config=RunConfig().to_wire(), shards=[SPEC]), []),
     (P.Heartbeat(v=1, seq=3, worker_id=5, incarnation=1, clock=10, loss=0.25, steps_per_s=3.5,
                  resources={"cpu": 12.5, "rss": 1 << 30}), []),
@@ -57,9 +57,11 @@ EXAMPLES = [  # (header, tensor frames)
     (P.StatusOk(v=1, seq=7, info={"state": "run", "workers": [{"id": 1}], "uptime": 1.5}), []),
     (P.Stop(v=1, seq=8), []),
     (P.Ack(v=1, seq=2**63 - 1), []),
-    (P.Membership(v=1, seq=9, live={0: (0, 3), 7: (2, 5)}, finishing=True), []),
+    (P.Membership(v=1, seq=9, live={0: (0, 3), 7: (2, 5)}), []),
     (P.ShardStats(v=1, seq=10, index=1, version=4, updates=4, clocks={0: 3}, waiting_for=[7], pushes=9,
                   pulls=11, rejected=1, bytes_pushed=100, bytes_pulled=200, max_staleness=2, pid=99), []),
+    (P.Checkpoint(v=1, seq=16, directory=".tmp-ckpt-00000003-ab", number=3, at_version=7, exact=True), []),
+    (P.CheckpointOk(v=1, seq=17, index=1, file="shard-1.safetensors", sha256="ab" * 32, version=7, updates=7), []),
     (P.Pull(v=1, seq=11, worker_id=-1, clock=0, observer=True), []),
     (P.PullOk(v=1, seq=12, version=4, tensors=META2, finished=True), FRAMES2),
     (P.Push(v=1, seq=13, worker_id=5, incarnation=1, clock=3, base_version=2, tensors=META2), FRAMES2),

@@ -7,7 +7,8 @@ from paramserver.config import Consistency, RunConfig
 
 @pytest.mark.parametrize("mode", ["bsp", "asp", "ssp:2"])
 def test_four_workers_two_shards_reach_095(make_cluster, mode):
-    c = make_cluster(RunConfig(consistency=Consistency.parse(mode), seed=1), shards=2)
+    # every round of 4 workers (as ps-sim does): the result does not depend on join timing
+    c = make_cluster(RunConfig(consistency=Consistency.parse(mode), seed=1, min_workers=4), shards=2)
     for _ in range(4):
         c.add_worker(max_steps=300)
     results = c.wait_workers(timeout=150)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from paramserver import log as logsetup
-from paramserver.options import TIMEOUT_OPTIONS, apply, friendly, opt, timeouts
+from paramserver.options import WORKER_TIMEOUTS, apply, friendly, opt, timeouts
 
 from .trainer import WorkerConfig, run_worker
 
@@ -20,9 +20,9 @@ def worker():
 @opt("--worker-id", "WORKER_ID", default=-1, type=int, help="rejoin with this id (-1: a new one)")
 @opt("--max-steps", "WORKER_MAX_STEPS", default=0, type=click.IntRange(min=0), help="stop after this many steps (0: when the server ends the run)")
 @opt("--threads", "THREADS", default=1, type=click.IntRange(min=1), help="torch threads")
-@opt("--codec", "WORKER_CODEC", default="", help="gradient codec (empty: the server's default)")
+@opt("--codec", "WORKER_CODEC", default="", help="gradient codec for this worker's pushes, e.g. topk:0.01 or sign (empty: the server's default)")
 @opt("--delay", "WORKER_DELAY", default=0.0, type=float, help="extra seconds per step (simulates a slow device)")
-@apply(TIMEOUT_OPTIONS)
+@apply(WORKER_TIMEOUTS)
 @opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly
 def join(server, worker_id, max_steps, threads, codec, delay, log_level, **kw):

@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from paramserver import codecs, protocol
+from paramserver.errors import DeadlineExceeded
 from paramserver.protocol import VERSION
 from paramserver.sharding import Chunk
 from paramserver.transport import Channel
@@ -31,7 +32,7 @@ class ShardClient:
     def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none"):
         self.channels = [Channel(ctx, s.address, f"shard {s.index}") for s in shards]
         self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
-        self.codec = codecs.get(codec)
+        self.codec = codecs.get(codec)  # this worker's own instance: it holds its error-feedback residuals
 
     def __repr__(self) -> str:
         return f"<ShardClient shards={len(self.channels)} codec={self.codec.name}>"
@@ -44,7 +45,8 @@ class ShardClient:
     def bytes_received(self) -> int:
         return sum(ch.bytes_received for ch in self.channels)
 
-    def pull(self, into: torch.Tensor, worker: int, clock: int, timeout: float, observer: bool = False) -> Reply:
+    def pull(self, into: torch.Tensor, worker: int, clock: int, timeout: float, observer: bool = False,
+             cancel=None) -> Reply:
         """Copy every shard's weights into `into` (flat float32, shape (total,))."""
         seqs = []
         for ch in self.channels:
@@ -54,7 +56,7 @@ class ShardClient:
         flat = into.numpy()
         replies = []
         for ch, seq, chunks in zip(self.channels, seqs, self.chunks):
-            msg = ch.receive(seq, deadline)
+            msg = ch.receive(seq, deadline, cancel)
             protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
             by_key = {c.key: c for c in chunks}
             for meta, buf in zip(msg.header.tensors, msg.buffers):
@@ -63,21 +65,40 @@ class ShardClient:
             replies.append(msg.header)
         return _combine(replies)
 
-    def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float) -> Reply:
-        """Send each shard its slice of `grads` (flat float32, shape (total,)); wait for every ack."""
-        seqs = []
+    def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float,
+             cancel=None, retry_for: float = 0.0) -> Reply:
+        """Send each shard its slice of `grads` (flat float32, shape (total,)); wait for every ack.
+
+        Each attempt waits `timeout`; unanswered pushes are resent for up to `retry_for`.
+        """
+        messages = []
         for ch, chunks in zip(self.channels, self.chunks):
             metas, buffers = [], []
             for c in chunks:
-                dtype, shape, params, buf = self.codec.encode(grads[c.start : c.stop])
+                # per chunk: the codec keeps error feedback by chunk key; grads itself is never written
+                dtype, shape, params, buf = self.codec.encode(c.key, grads[c.start : c.stop])
                 metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
                 buffers.append(buf)
-            seqs.append(ch.next_seq())
-            header = protocol.Push(v=VERSION, seq=seqs[-1], worker_id=worker, incarnation=incarnation,
+            header = protocol.Push(v=VERSION, seq=ch.next_seq(), worker_id=worker, incarnation=incarnation,
                                    clock=clock, base_version=base_version, tensors=metas)
+            messages.append((header, buffers))
             ch.send(header, buffers)
-        deadline = time.monotonic() + timeout
-        return _combine([ch.receive(seq, deadline).header for ch, seq in zip(self.channels, seqs)])
+        return _combine([self._ack(ch, header, buffers, timeout, retry_for, cancel)
+                         for ch, (header, buffers) in zip(self.channels, messages)])
+
+    def _ack(self, ch: Channel, header, buffers, timeout: float, retry_for: float, cancel):
+        """Wait for one shard's ack; on a timeout resend the SAME message (same sequence
+        number) on a fresh socket, so a shard that had applied it acks without applying twice."""
+        give_up = time.monotonic() + retry_for
+        while True:
+            try:
+                return ch.receive(header.seq, time.monotonic() + timeout, cancel).header
+            except DeadlineExceeded:
+                if time.monotonic() + timeout > give_up:
+                    raise
+                log.warning("no ack from %s for push %d; sending it again", ch.name, header.seq)
+                ch.reset()
+                ch.send(header, buffers)
 
     def reset(self) -> None:
         for ch in self.channels:

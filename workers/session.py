@@ -19,7 +19,7 @@ import zmq
 from paramserver import protocol
 from paramserver.config import Timeouts
 from paramserver.errors import DeadlineExceeded, RemoteError, ServerUnavailable
-from paramserver.protocol import VERSION, ErrorCode
+from paramserver.protocol import VERSION
 from paramserver.transport import Channel
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 class Session:
     def __init__(self, ctx: zmq.Context, server: str, timeouts: Timeouts):
         self.ctx, self.server, self.timeouts = ctx, server, timeouts
-        self.worker_id, self.incarnation = -1, 0
+        self.worker_id, self.incarnation, self.epoch = -1, 0, 0
+        self.interval = timeouts.heartbeat_interval  # replaced by the server's at join
         # written by the training thread, read by the heartbeat thread (plain values)
         self.clock, self.loss, self.steps_per_s = 0, float("nan"), 0.0
         self.finish = threading.Event()  # the coordinator says the run is over
@@ -42,9 +43,9 @@ class Session:
         return f"<Session worker={self.worker_id}.{self.incarnation} server={self.server}>"
 
     def join(self, worker_id: int = -1) -> protocol.JoinOk:
-        """Join (or rejoin with `worker_id`), retrying with backoff until connect_timeout."""
+        """Join (or rejoin with `worker_id`), retrying with backoff until reconnect_timeout."""
         channel = Channel(self.ctx, self.server, "coordinator")
-        deadline, backoff = time.monotonic() + self.timeouts.connect_timeout, 0.1
+        deadline, backoff = time.monotonic() + self.timeouts.reconnect_timeout, 0.1
         try:
             while True:
                 try:
@@ -56,12 +57,9 @@ class Session:
                     break
                 except DeadlineExceeded:
                     channel.reset()
-                except RemoteError as e:
-                    if e.code != ErrorCode.NOT_READY:
-                        raise
                 if time.monotonic() + backoff > deadline:
                     raise ServerUnavailable(
-                        f"no coordinator answered at {self.server} within {self.timeouts.connect_timeout}s; "
+                        f"no coordinator answered at {self.server} within {self.timeouts.reconnect_timeout}s; "
                         "check the address and that `ps-server start` is running"
                     )
                 time.sleep(backoff)
@@ -69,6 +67,8 @@ class Session:
         finally:
             channel.close()
         self.worker_id, self.incarnation, self.clock = reply.worker_id, reply.incarnation, reply.clock
+        self.epoch = reply.epoch
+        self.interval = min(max(0.05, reply.heartbeat_interval), self.timeouts.heartbeat_timeout)
         self.dropped.clear()
         self.last_ack = time.monotonic()
         return reply
@@ -80,7 +80,7 @@ class Session:
     def _beat(self) -> None:
         channel = Channel(self.ctx, self.server, "coordinator")
         try:
-            while not self._stop.wait(self.timeouts.heartbeat_interval):
+            while not self._stop.wait(self.interval):
                 self._beat_once(channel)
         finally:
             channel.close()
@@ -91,7 +91,7 @@ class Session:
             clock=self.clock, loss=self.loss, steps_per_s=self.steps_per_s, resources=self._resources(),
         )
         try:
-            state = channel.request(hb, timeout=self.timeouts.heartbeat_interval * 2).header.state
+            reply = channel.request(hb, timeout=self.interval * 2).header
         except DeadlineExceeded:
             channel.reset()
             return
@@ -99,10 +99,10 @@ class Session:
             log.warning("heartbeat refused: %s", e)
             return
         self.last_ack = time.monotonic()
-        if state == "finish":
+        if reply.state == "finish":
             self.finish.set()
-        elif state == "rejoin":
-            self.dropped.set()
+        elif reply.state == "rejoin" or reply.epoch != self.epoch:
+            self.dropped.set()  # dropped, or the server restarted: rejoin and pull again
 
     def _resources(self) -> dict:
         try:
@@ -133,4 +133,4 @@ class Session:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.timeouts.heartbeat_interval * 4)
+            self._thread.join(timeout=self.interval * 4 + 1)

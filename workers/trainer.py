@@ -15,7 +15,7 @@ import zmq
 
 from paramserver import tasks
 from paramserver.config import RunConfig, Timeouts
-from paramserver.errors import DeadlineExceeded, RemoteError, ServerUnavailable
+from paramserver.errors import DeadlineExceeded, Interrupted, RemoteError, ServerUnavailable
 from paramserver.protocol import ErrorCode
 from paramserver.sharding import Layout, flatten_
 
@@ -53,6 +53,8 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.session = Session(ctx, cfg.server, cfg.timeouts)
         self.steps, self.loss = 0, float("nan")
+        self.failing_since: float | None = None  # first data-path failure since the last good step
+        self.backoff = 0.0
 
     def run(self) -> WorkerResult:
         torch.set_num_threads(self.cfg.threads)
@@ -75,7 +77,8 @@ class Trainer:
         self.task = tasks.build(run.task, run.seed)
         self.layout = Layout.of(self.task.model)
         self.params, self.grads = flatten_(self.task.model, self.layout)
-        self.client = ShardClient(self.ctx, joined.shards, self.cfg.codec or run.codec)
+        self.codec = self.cfg.codec or run.codec
+        self.client = ShardClient(self.ctx, joined.shards, self.codec)
         indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
         self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
@@ -84,6 +87,7 @@ class Trainer:
     def _loop(self, run: RunConfig) -> str:
         started = time.monotonic()
         timeouts = self.cfg.timeouts
+        cancel = self._cancelled
         while True:
             if self.session.finish.is_set():
                 return "finished"
@@ -92,20 +96,26 @@ class Trainer:
             if self.session.dropped.is_set():
                 self._rejoin()
             try:
-                got = self.client.pull(self.params, self.session.worker_id, self.clock, timeouts.pull_wait + timeouts.request_timeout)
+                got = self.client.pull(self.params, self.session.worker_id, self.clock,
+                                       timeouts.pull_wait + timeouts.request_timeout, cancel=cancel)
                 if got.finished:
                     return "finished"
                 if self.bsp:
                     self.clock = got.version  # in bsp the round number is the clock
                 self._compute(self.batches.at(self.clock))
                 pushed = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
-                                          self.clock, got.version, timeouts.request_timeout)
+                                          self.clock, got.version, timeouts.request_timeout, cancel=cancel,
+                                          retry_for=timeouts.reconnect_timeout)
             except RemoteError as e:
                 self._recover(e)
+                continue
+            except Interrupted:
+                self.client.reset()  # drop replies still owed to the abandoned requests
                 continue
             except DeadlineExceeded as e:
                 self._check_server(e)
                 continue
+            self.failing_since, self.backoff = None, 0.0
             self.clock += 1
             self.steps += 1
             self._report(started)
@@ -138,17 +148,28 @@ class Trainer:
         else:
             raise e
 
+    def _cancelled(self) -> bool:
+        return self.session.finish.is_set() or self.session.dropped.is_set()
+
     def _rejoin(self) -> None:
-        log.warning("worker %d was dropped by the coordinator; rejoining", self.session.worker_id)
+        """Rejoin with our id (dropped, or the server restarted) and take its shard map anew."""
+        log.warning("worker %d rejoining the coordinator", self.session.worker_id)
         joined = self.session.join(self.session.worker_id)
+        self.client.close()
+        self.client = ShardClient(self.ctx, joined.shards, self.codec)
         self.clock = joined.clock
 
     def _check_server(self, e: DeadlineExceeded) -> None:
-        silent = self.session.server_silent_for()
-        if silent > self.cfg.timeouts.connect_timeout:
-            raise ServerUnavailable(f"server silent for {silent:.0f}s: {e}") from e
-        log.warning("worker %d: %s; retrying", self.session.worker_id, e)
+        """A request timed out: retry with backoff, up to the reconnect deadline."""
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if now - self.failing_since > self.cfg.timeouts.reconnect_timeout:
+            raise ServerUnavailable(
+                f"no answer from the server for {now - self.failing_since:.0f}s (--reconnect-timeout): {e}") from e
+        self.backoff = min(max(0.1, self.backoff * 2), 2.0)
+        log.warning("worker %d: %s; retrying in %.1fs", self.session.worker_id, e, self.backoff)
         self.client.reset()
+        self.session.finish.wait(self.backoff)
 
 
 def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None) -> WorkerResult:
