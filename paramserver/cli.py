@@ -11,6 +11,7 @@ from . import log as logsetup
 from .config import CheckpointConfig
 from .errors import ConfigError
 from .options import (
+    CLIENT_KEYS,
     RUN_OPTIONS,
     SERVER_TIMEOUTS,
     TIMEOUT_OPTIONS,
@@ -50,7 +51,10 @@ def server():
 @opt("--resume", "RESUME", default="", help="continue the run whose checkpoints are in this directory")
 @opt("--advertise", "ADVERTISE", default="", help="host name workers should connect to (default: the bind host)")
 @opt("--insecure", "INSECURE", is_flag=True, default=False,
-     help="allow binding a non-loopback interface without authentication")
+     help="allow binding a non-loopback interface without CURVE authentication")
+@opt("--curve-secret-key", "CURVE_SECRET_KEY", default="", help="the server's secret key file (server.key_secret): encrypt every socket")
+@opt("--authorized-keys", "AUTHORIZED_KEYS", default="",
+     help="directory of worker public keys (*.key) allowed in; read again as it changes")
 @opt("--exit-when-idle", "EXIT_WHEN_IDLE", default=0.0, type=click.FloatRange(min=0),
      help="end the run when no worker has been live for this many seconds (0: never)")
 @apply(RUN_OPTIONS)
@@ -58,20 +62,22 @@ def server():
 @LOG_LEVEL
 @friendly
 def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep, resume, advertise, insecure,
-          exit_when_idle, log_level, **kw):
+          curve_secret_key, authorized_keys, exit_when_idle, log_level, **kw):
     """Start the coordinator and SHARDS shard processes; run until stopped or --max-steps."""
     import dataclasses
 
     from . import cluster
+    from .security import ServerSecurity
 
     logsetup.setup(log_level)
-    cluster.check_bind(host, insecure)
+    security = ServerSecurity.load(curve_secret_key, authorized_keys)
+    cluster.check_bind(host, insecure, security is not None)
     t, run = timeouts(kw), run_config(kw, max_steps)
     t = dataclasses.replace(t, exit_when_idle=exit_when_idle)
     _check(run)
     spec = cluster.ServerSpec(run=run, host=host, port=port, shards=shards, timeouts=t, log_level=log_level,
                               checkpoints=CheckpointConfig(checkpoint_dir, checkpoint_every, keep), resume=resume,
-                              advertise=advertise)
+                              advertise=advertise, security=security)
 
     def ready(address):
         click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
@@ -96,13 +102,28 @@ def export(checkpoint, out):
 
 
 @server.command()
+@opt("--out", "KEYGEN_OUT", required=True, help="directory to write the key pair into")
+@opt("--name", "KEYGEN_NAME", default="server", help="file name stem: NAME.key (public) and NAME.key_secret")
+@friendly
+def keygen(out, name):
+    """Make a CURVE key pair: share NAME.key, keep NAME.key_secret private."""
+    from .security import keygen as make
+
+    public, secret = make(out, name)
+    click.echo(f"public key {public}\nsecret key {secret} (keep it private)", err=True)
+
+
+@server.command()
 @opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address")
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 @opt("--timeout", "STATUS_TIMEOUT", default=5.0, type=float)
+@apply(CLIENT_KEYS)
 @friendly
-def status(server, as_json, timeout):
+def status(server, as_json, timeout, server_key, curve_secret_key):
     """Show live workers, their clocks and heartbeats, and what a round waits for."""
-    info = admin.status(server, timeout)
+    from .security import client_keys
+
+    info = admin.status(server, timeout, keys=client_keys(curve_secret_key, server_key))
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
@@ -116,10 +137,13 @@ def status(server, as_json, timeout):
 
 @server.command()
 @opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address")
+@apply(CLIENT_KEYS)
 @friendly
-def stop(server):
+def stop(server, server_key, curve_secret_key):
     """End the run: workers are told to finish, then every server process exits."""
-    admin.stop(server)
+    from .security import client_keys
+
+    admin.stop(server, keys=client_keys(curve_secret_key, server_key))
     click.echo("stop requested", err=True)
 
 

@@ -25,6 +25,7 @@ from . import log as logsetup
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .coordinator import Coordinator
 from .errors import ConfigError, PSError
+from .security import ServerSecurity
 from .shard import ShardCore, ShardServer
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class ServerSpec:
     # the host name workers are told to connect to; "" : the bind host, or this
     # machine's name when binding every interface
     advertise: str = ""
+    security: ServerSecurity | None = None  # CURVE keys and allow-list; None: plain sockets
 
     @property
     def public_host(self) -> str:
@@ -65,15 +67,15 @@ WILDCARDS = ("0.0.0.0", "*", "::", "[::]")
 LOOPBACK = ("127.", "localhost", "::1", "[::1]")
 
 
-def check_bind(host: str, insecure: bool) -> None:
+def check_bind(host: str, insecure: bool, secure: bool) -> None:
     """Refuse to expose an unauthenticated server beyond this machine unless told to."""
-    if host.startswith(LOOPBACK) or insecure:
+    if host.startswith(LOOPBACK) or insecure or secure:
         return
     raise ConfigError(
-        f"binding {host} would let anyone who reaches it push, pull and stop the run: "
-        "the server has no authentication yet (CURVE keys are planned). "
-        "Pass --insecure to bind anyway on a network you trust, or keep the default 127.0.0.1 "
-        "and reach it through an SSH tunnel (see launch/multi-host.md)")
+        f"binding {host} without CURVE would let anyone who reaches it push, pull and stop the run. "
+        "Make keys with `ps-server keygen --out keys --name server` (and one per worker), then start with "
+        "--curve-secret-key keys/server.key_secret --authorized-keys DIR_OF_WORKER_KEYS; "
+        "or pass --insecure to bind anyway on a network you trust")
 
 
 def _public(address: str, host: str) -> str:
@@ -93,18 +95,26 @@ def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, par
     _, flat = initial_weights(run)
     lo, hi = (chunks[0].start, chunks[-1].stop) if chunks else (0, 0)
     ctx = zmq.Context()
+    if spec.security:
+        spec.security.start(ctx)
     try:
         core = ShardCore(index, chunks, flat[lo:hi], run, timeouts.min_workers_wait)
         if resume_file:
             core.restore(*checkpoint.load_shard(resume_file))
-        server = ShardServer(ctx, core, address, timeouts, spec.checkpoints.directory)
+        server = ShardServer(ctx, core, address, timeouts, spec.checkpoints.directory, spec.security)
     except (zmq.ZMQError, PSError, OSError) as e:
         ready.put((index, None, f"shard {index} at {address}: {e}"))
-        ctx.term()
+        _end(ctx, spec)
         return
     ready.put((index, server.address, None))
     log.info("shard %d serving %d parameters at %s (version %d)", index, hi - lo, server.address, core.version)
     server.serve(parent_pid=parent_pid)
+    _end(ctx, spec)
+
+
+def _end(ctx: zmq.Context, spec: ServerSpec) -> None:
+    if spec.security:
+        spec.security.stop()
     ctx.term()
 
 
@@ -197,10 +207,12 @@ def serve(spec: ServerSpec, on_ready=None) -> dict:
         log.info("resuming run %s from %s (step %d)", resume.manifest["run_id"], resume.path, resume.manifest["updates"])
     procs, specs = start_shards(spec, resume)
     ctx = zmq.Context()
+    if spec.security:
+        spec.security.start(ctx)
     try:
         try:
             coordinator = Coordinator(ctx, f"tcp://{spec.host}:{spec.port}", spec.run, specs, spec.timeouts,
-                                      initial_weights(spec.run)[0], spec.checkpoints, resume)
+                                      initial_weights(spec.run)[0], spec.checkpoints, resume, spec.security)
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind tcp://{spec.host}:{spec.port}: {e}; choose another --port") from e
         log.info("coordinator at %s; %d shards; %s", coordinator.address, spec.shards, spec.run.consistency)
@@ -213,7 +225,7 @@ def serve(spec: ServerSpec, on_ready=None) -> dict:
         return coordinator.status()
     finally:
         stop_processes(procs, spec.timeouts.shutdown_grace)
-        ctx.term()
+        _end(ctx, spec)
 
 
 class _Supervisor:

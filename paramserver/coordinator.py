@@ -19,6 +19,7 @@ from . import checkpoint, protocol, transport
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .errors import ProtocolError
 from .protocol import VERSION, ErrorCode
+from .security import ServerSecurity, make_server, user_id
 from .sharding import Layout
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,15 @@ class Members:
 class Coordinator:
     def __init__(self, ctx: zmq.Context, address: str, run: RunConfig, shards: list[protocol.ShardSpec],
                  timeouts: Timeouts, layout: Layout | None = None, checkpoints: CheckpointConfig | None = None,
-                 resume: checkpoint.Checkpoint | None = None):
+                 resume: checkpoint.Checkpoint | None = None, security: ServerSecurity | None = None):
         self.run, self.shards, self.timeouts, self.layout = run, shards, timeouts, layout
+        self.security = security
+        self.keys = security.keys if security else None  # also our client identity towards the shards
         self.sock = transport.socket(ctx, zmq.ROUTER)
+        if security:
+            make_server(self.sock, security.keys)
         self.address = transport.bind(self.sock, address)
-        self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}") for s in shards]
+        self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}", self.keys) for s in shards]
         self.members = Members(timeouts.heartbeat_timeout, run.partitions)
         self.stats: dict[int, protocol.ShardStats] = {}
         self.state = "run"  # run -> finish -> stopped
@@ -263,7 +268,7 @@ class Coordinator:
         for ch in self.channels:
             ch.close()
         self.shards, self.stats = shards, {}
-        self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}") for s in shards]
+        self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}", self.keys) for s in shards]
         self.members.reset(ckpt.manifest["members"])
         self.epoch += 1
         self._sent_version = -1
@@ -311,6 +316,8 @@ class Coordinator:
             return
         identity, body = frames[0].bytes, frames[1:]
         try:
+            if self.security and not self.security.allow.allows(user_id(body[0])):
+                raise ProtocolError("key not authorized (removed from --authorized-keys?)", ErrorCode.NOT_AUTHORIZED)
             msg = protocol.decode(body)
             handler = self.handlers.get(type(msg.header))
             if handler is None:

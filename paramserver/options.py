@@ -52,6 +52,12 @@ WORKER_TIMEOUTS = [
 TIMEOUT_OPTIONS = SERVER_TIMEOUTS + WORKER_TIMEOUTS
 
 
+CLIENT_KEYS = [
+    opt("--server-key", "SERVER_KEY", default="", help="the server's CURVE public key file (server.key) to encrypt with"),
+    opt("--curve-secret-key", "CURVE_SECRET_KEY", default="", help="this client's CURVE secret key file (NAME.key_secret)"),
+]
+
+
 def apply(options):
     def decorate(f):
         for o in reversed(options):

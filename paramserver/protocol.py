@@ -58,6 +58,7 @@ class ErrorCode:
     WAIT_TIMEOUT = "wait_timeout"  # a deferred pull waited too long: retry
     FINISHED = "finished"  # the run is over
     CHECKPOINT_MISSED = "checkpoint_missed"  # the shard is past the version asked for
+    NOT_AUTHORIZED = "not_authorized"  # CURVE key no longer allowed, or not the server's
     INTERNAL = "internal"  # a bug on the server, logged there with its traceback
 
 

@@ -21,6 +21,7 @@ from .config import RunConfig, Timeouts
 from .consistency import APPLY, DUPLICATE, QUEUE, STALE
 from .errors import ConfigError, ProtocolError
 from .protocol import VERSION, ErrorCode
+from .security import ServerSecurity, make_server, user_id
 from .sharding import Chunk
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,12 @@ class ShardServer:
     """The I/O shell: a ROUTER socket serving workers (data) and the coordinator (control)."""
 
     def __init__(self, ctx: zmq.Context, core: ShardCore, address: str, timeouts: Timeouts,
-                 checkpoint_root: str = ""):
+                 checkpoint_root: str = "", security: ServerSecurity | None = None):
         self.core, self.timeouts, self.checkpoint_root = core, timeouts, checkpoint_root
+        self.security = security
         self.sock = transport.socket(ctx, zmq.ROUTER)
+        if security:
+            make_server(self.sock, security.keys)
         self.address = transport.bind(self.sock, address)
         self.deferred: list[tuple[bytes, protocol.Pull, float]] = []
         self.checkpoint_request: tuple[bytes, protocol.Checkpoint] | None = None
@@ -221,6 +225,7 @@ class ShardServer:
             protocol.Stop: self.on_stop,
             protocol.Checkpoint: self.on_checkpoint,
         }
+        self._control = {self.on_membership, self.on_stop, self.on_checkpoint}
 
     def __repr__(self) -> str:
         return f"<ShardServer {self.core.index} {self.address}>"
@@ -244,10 +249,15 @@ class ShardServer:
             return
         identity, body = frames[0].bytes, frames[1:]
         try:
+            peer = user_id(body[0])
+            if self.security and not self.security.allow.allows(peer):
+                raise ProtocolError("key not authorized (removed from --authorized-keys?)", ErrorCode.NOT_AUTHORIZED)
             msg = protocol.decode(body)
             handler = self.handlers.get(type(msg.header))
             if handler is None:
                 raise ProtocolError(f"a shard does not serve {type(msg.header).__name__}", ErrorCode.UNKNOWN_OP)
+            if self.security and handler in self._control and not self.security.is_server(peer):
+                raise ProtocolError(f"{type(msg.header).__name__} is for the coordinator only", ErrorCode.NOT_AUTHORIZED)
             handler(identity, msg)
             self._maybe_checkpoint()
         except ProtocolError as e:

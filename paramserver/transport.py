@@ -68,8 +68,10 @@ class Channel:
     number and dropped.
     """
 
-    def __init__(self, ctx: zmq.Context, address: str, name: str = ""):
-        self.ctx, self.address, self.name = ctx, address, name or address
+    def __init__(self, ctx: zmq.Context, address: str, name: str = "", keys=None):
+        # keys: security.Keys for a CURVE client, None for plain sockets
+        self.ctx, self.address, self.name, self.keys = ctx, address, name or address, keys
+        self.monitor = None
         self._seq = itertools.count(int(time.time() * 1000) << 16)
         self.sock = self._connect()
         self.bytes_sent = self.bytes_received = 0
@@ -79,13 +81,36 @@ class Channel:
 
     def _connect(self) -> zmq.Socket:
         s = socket(self.ctx, zmq.DEALER)
+        if self.keys is not None:
+            from .security import make_client
+
+            make_client(s, self.keys)
+            # a refused key shows only as a monitor event: the peer just stays silent
+            self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         s.connect(self.address)
         return s
 
+    def handshake_refused(self) -> bool:
+        """Whether the peer refused our CURVE key since the socket was made."""
+        if self.monitor is None:
+            return False
+        refused = False
+        while self.monitor.poll(0):
+            self.monitor.recv_multipart()
+            refused = True
+        return refused
+
     def reset(self) -> None:
         """A fresh socket: drops queued requests and late replies after a failure."""
-        self.sock.close(linger=0)
+        self._close()
         self.sock = self._connect()
+
+    def _close(self) -> None:
+        if self.monitor is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.sock.close(linger=0)
 
     def next_seq(self) -> int:
         return next(self._seq)
@@ -124,4 +149,4 @@ class Channel:
         return self.receive(header.seq, time.monotonic() + timeout)
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        self._close()

@@ -59,6 +59,7 @@ class Cluster:
         self.results = cluster.SPAWN.Queue()
         self.workers: list = []
         self.servers: list = []
+        self.keys = None  # a tool's CURVE keys, for servers started with security
         self.spec = cluster.ServerSpec(run=run, shards=shards, timeouts=timeouts, log_level="warning", **server)
         self.start_server()
 
@@ -82,10 +83,10 @@ class Cluster:
         return p
 
     def status(self) -> dict:
-        return admin.status(self.address, timeout=5.0, ctx=self.ctx)
+        return admin.status(self.address, timeout=5.0, ctx=self.ctx, keys=self.keys)
 
     def weights(self) -> torch.Tensor:
-        return fetch_weights(self.ctx, self.address)[1]
+        return fetch_weights(self.ctx, self.address, keys=self.keys)[1]
 
     def accuracy(self) -> float:
         task = tasks.build(self.run.task, self.run.seed)
@@ -119,7 +120,7 @@ class Cluster:
 
     def close(self) -> None:
         try:
-            admin.stop(self.address, timeout=2.0, ctx=self.ctx)
+            admin.stop(self.address, timeout=2.0, ctx=self.ctx, keys=self.keys)
         except Exception:  # already gone is fine: we kill by pid below
             pass
         cluster.stop_processes([*self.workers, *self.servers], self.timeouts.shutdown_grace + 5)

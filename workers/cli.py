@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from paramserver import log as logsetup
-from paramserver.options import WORKER_TIMEOUTS, apply, friendly, opt, timeouts
+from paramserver.options import CLIENT_KEYS, WORKER_TIMEOUTS, apply, friendly, opt, timeouts
 
 from .trainer import WorkerConfig, run_worker
 
@@ -22,13 +22,16 @@ def worker():
 @opt("--threads", "THREADS", default=1, type=click.IntRange(min=1), help="torch threads")
 @opt("--codec", "WORKER_CODEC", default="", help="gradient codec for this worker's pushes, e.g. topk:0.01 or sign (empty: the server's default)")
 @opt("--delay", "WORKER_DELAY", default=0.0, type=float, help="extra seconds per step (simulates a slow device)")
+@apply(CLIENT_KEYS)
 @apply(WORKER_TIMEOUTS)
 @opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly
-def join(server, worker_id, max_steps, threads, codec, delay, log_level, **kw):
+def join(server, worker_id, max_steps, threads, codec, delay, server_key, curve_secret_key, log_level, **kw):
     """Join the server at SERVER and train until the run ends."""
+    from paramserver.security import client_keys
+
     logsetup.setup(log_level)
     cfg = WorkerConfig(server=server, worker_id=worker_id, max_steps=max_steps, threads=threads,
-                       codec=codec, delay=delay, timeouts=timeouts(kw))
+                       codec=codec, delay=delay, timeouts=timeouts(kw), keys=client_keys(curve_secret_key, server_key))
     result = run_worker(cfg)
     click.echo(f"worker {result.worker_id} done: {result.steps} steps, last loss {result.loss:.4f} ({result.reason})", err=True)

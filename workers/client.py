@@ -29,8 +29,8 @@ class Reply:
 
 
 class ShardClient:
-    def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none"):
-        self.channels = [Channel(ctx, s.address, f"shard {s.index}") for s in shards]
+    def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none", keys=None):
+        self.channels = [Channel(ctx, s.address, f"shard {s.index}", keys) for s in shards]
         self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
         self.codec = codecs.get(codec)  # this worker's own instance: it holds its error-feedback residuals
 
@@ -113,19 +113,19 @@ def _combine(headers) -> Reply:
     return Reply(min(h.version for h in headers), any(h.finished for h in headers))
 
 
-def fetch_weights(ctx: zmq.Context, server: str, timeout: float = 10.0) -> tuple[dict, torch.Tensor]:
+def fetch_weights(ctx: zmq.Context, server: str, timeout: float = 10.0, keys=None) -> tuple[dict, torch.Tensor]:
     """The server's current weights, read as an observer (never waits, joins nothing).
 
     Returns (status, flat) with flat float32 of shape (total,).
     """
     from paramserver import admin
 
-    info = admin.status(server, timeout, ctx)
+    info = admin.status(server, timeout, ctx, keys)
     shards = [protocol.ShardSpec(index=s["index"], address=s["address"], chunks=[tuple(c) for c in s["chunks"]])
               for s in info["shard_map"]]
     total = max((c[2] for s in shards for c in s.chunks), default=0)
     flat = torch.empty(total, dtype=torch.float32)
-    client = ShardClient(ctx, shards)
+    client = ShardClient(ctx, shards, keys=keys)
     try:
         client.pull(flat, worker=-1, clock=0, timeout=timeout, observer=True)
     finally:

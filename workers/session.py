@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, ctx: zmq.Context, server: str, timeouts: Timeouts):
-        self.ctx, self.server, self.timeouts = ctx, server, timeouts
+    def __init__(self, ctx: zmq.Context, server: str, timeouts: Timeouts, keys=None):
+        self.ctx, self.server, self.timeouts, self.keys = ctx, server, timeouts, keys
         self.worker_id, self.incarnation, self.epoch = -1, 0, 0
         self.interval = timeouts.heartbeat_interval  # replaced by the server's at join
         # written by the training thread, read by the heartbeat thread (plain values)
@@ -44,7 +44,7 @@ class Session:
 
     def join(self, worker_id: int = -1) -> protocol.JoinOk:
         """Join (or rejoin with `worker_id`), retrying with backoff until reconnect_timeout."""
-        channel = Channel(self.ctx, self.server, "coordinator")
+        channel = Channel(self.ctx, self.server, "coordinator", self.keys)
         deadline, backoff = time.monotonic() + self.timeouts.reconnect_timeout, 0.1
         try:
             while True:
@@ -56,6 +56,10 @@ class Session:
                     ).header
                     break
                 except DeadlineExceeded:
+                    if channel.handshake_refused():
+                        raise ServerUnavailable(
+                            f"the server at {self.server} refused our CURVE key: its --authorized-keys must "
+                            "hold our public key, and --server-key must be the server's public key") from None
                     channel.reset()
                 if time.monotonic() + backoff > deadline:
                     raise ServerUnavailable(
@@ -78,7 +82,7 @@ class Session:
         self._thread.start()
 
     def _beat(self) -> None:
-        channel = Channel(self.ctx, self.server, "coordinator")
+        channel = Channel(self.ctx, self.server, "coordinator", self.keys)
         try:
             while not self._stop.wait(self.interval):
                 self._beat_once(channel)
@@ -121,7 +125,7 @@ class Session:
 
     def leave(self) -> None:
         """Say goodbye so bsp rounds stop waiting for us at once; best effort, bounded."""
-        channel = Channel(self.ctx, self.server, "coordinator")
+        channel = Channel(self.ctx, self.server, "coordinator", self.keys)
         try:
             channel.request(protocol.Leave(v=VERSION, seq=channel.next_seq(), worker_id=self.worker_id,
                                            incarnation=self.incarnation), timeout=2.0)

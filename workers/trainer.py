@@ -17,6 +17,7 @@ from paramserver import tasks
 from paramserver.config import RunConfig, Timeouts
 from paramserver.errors import DeadlineExceeded, Interrupted, RemoteError, ServerUnavailable
 from paramserver.protocol import ErrorCode
+from paramserver.security import Keys
 from paramserver.sharding import Layout, flatten_
 
 from .client import ShardClient
@@ -34,6 +35,7 @@ class WorkerConfig:
     # extra seconds slept per step, to play a slower device in simulations and tests
     delay: float = 0.0
     codec: str = ""  # "" takes the server's default
+    keys: Keys | None = None  # CURVE client keys (security.client_keys); None: plain sockets
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -51,7 +53,7 @@ class WorkerResult:
 class Trainer:
     def __init__(self, cfg: WorkerConfig, ctx: zmq.Context):
         self.cfg, self.ctx = cfg, ctx
-        self.session = Session(ctx, cfg.server, cfg.timeouts)
+        self.session = Session(ctx, cfg.server, cfg.timeouts, cfg.keys)
         self.steps, self.loss = 0, float("nan")
         self.failing_since: float | None = None  # first data-path failure since the last good step
         self.backoff = 0.0
@@ -78,7 +80,7 @@ class Trainer:
         self.layout = Layout.of(self.task.model)
         self.params, self.grads = flatten_(self.task.model, self.layout)
         self.codec = self.cfg.codec or run.codec
-        self.client = ShardClient(self.ctx, joined.shards, self.codec)
+        self.client = ShardClient(self.ctx, joined.shards, self.codec, self.cfg.keys)
         indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
         self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
@@ -156,7 +158,7 @@ class Trainer:
         log.warning("worker %d rejoining the coordinator", self.session.worker_id)
         joined = self.session.join(self.session.worker_id)
         self.client.close()
-        self.client = ShardClient(self.ctx, joined.shards, self.codec)
+        self.client = ShardClient(self.ctx, joined.shards, self.codec, self.cfg.keys)
         self.clock = joined.clock
 
     def _check_server(self, e: DeadlineExceeded) -> None:
