@@ -140,9 +140,7 @@ def _evaluate(ctx, address: str, run: RunConfig, sim: SimConfig, worker_results:
     from workers.client import fetch_weights
 
     info, flat = fetch_weights(ctx, address)
-    task = tasks.build(run.task, run.seed)
-    task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
-    metrics = task.evaluate()
+    metrics = evaluate_flat(run, flat)
     shards = info["shards"]
     return {
         "final_accuracy": metrics["accuracy"],
@@ -163,6 +161,13 @@ def _evaluate(ctx, address: str, run: RunConfig, sim: SimConfig, worker_results:
         "rejected_messages": sum(s["rejected"] for s in shards),
         "worker_results": sorted(worker_results, key=lambda r: r.get("worker_id", -1)),
     }
+
+
+def evaluate_flat(run: RunConfig, flat: torch.Tensor) -> dict:
+    """Test accuracy and loss of the flat weights (shape (total,)) on the run's task."""
+    task = tasks.build(run.task, run.seed)
+    task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
+    return task.evaluate()
 
 
 def _write(report: dict, folder: str) -> None:
@@ -202,9 +207,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.update(self.task, completed=self.total)
             self.bar.stop()
-
-
-def evaluate_flat(run: RunConfig, flat: torch.Tensor) -> dict:
-    task = tasks.build(run.task, run.seed)
-    task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
-    return task.evaluate()

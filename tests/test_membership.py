@@ -48,8 +48,8 @@ def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
     s = 2
     c = make_cluster(RunConfig(consistency=Consistency("ssp", s), seed=4), shards=2)
     for _ in range(2):
-        c.add_worker(max_steps=60)
-    c.add_worker(max_steps=60, delay=0.05)  # about 5x slower than the others
+        c.add_worker(max_steps=40)
+    c.add_worker(max_steps=40, delay=0.05)  # about 5x slower than the others
     c.wait_workers(timeout=120)
     shards = c.status()["shards"]
     gaps = [sh["max_clock_gap"] for sh in shards]

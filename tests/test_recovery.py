@@ -84,6 +84,7 @@ def test_resume_refuses_unrelated_or_unasked(tmp_path, make_cluster):
         prepare(ServerSpec(run=RunConfig(), resume=str(tmp_path)))
 
 
+@pytest.mark.slow
 def test_resumed_bsp_run_ends_with_the_same_weights(make_cluster, tmp_path):
     """Kill the whole server after a checkpoint, resume it on the same port: the workers
     reconnect by themselves, and the run ends where an uninterrupted one ends."""
@@ -144,6 +145,7 @@ def test_kill_during_checkpoint_write_leaves_a_complete_one(make_cluster, tmp_pa
     assert c.status()["run_id"] == found.manifest["run_id"]
 
 
+@pytest.mark.slow
 def test_sigkilled_shard_is_restarted_from_checkpoint(make_cluster, tmp_path):
     root = str(tmp_path / "ckpt")
     every = 1.0
@@ -172,6 +174,7 @@ def test_sigkilled_shard_is_restarted_from_checkpoint(make_cluster, tmp_path):
     assert task.evaluate()["accuracy"] >= 0.95
 
 
+@pytest.mark.slow
 def test_stopped_worker_is_dropped_then_rejoins(make_cluster):
     c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=15, max_steps=1200), shards=2)
     procs = [c.add_worker(delay=0.005) for _ in range(3)]
