@@ -14,7 +14,21 @@ from .errors import ConfigError
 
 CONSISTENCY_HELP = "bsp | asp | ssp:S (S = bounded staleness in clocks)"
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
-AGGREGATES = ("mean",)
+AGGREGATE_HELP = "mean | median | trimmed-mean:F (bsp; F = fraction dropped at each end, < 0.5)"
+
+
+def parse_aggregate(name: str) -> tuple[str, float]:
+    """("mean" | "median" | "trimmed-mean", fraction) from an --aggregate value."""
+    if name in ("mean", "median"):
+        return name, 0.0
+    if name.startswith("trimmed-mean:"):
+        try:
+            fraction = float(name.split(":", 1)[1])
+        except ValueError:
+            fraction = -1.0
+        if 0 <= fraction < 0.5:
+            return "trimmed-mean", fraction
+    raise ConfigError(f"unknown aggregate {name!r}: use {AGGREGATE_HELP}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +120,9 @@ class RunConfig:
     min_workers: int = 0
     codec: str = "none"
     aggregate: str = "mean"
+    # > 0: each push's gradient slice is scaled down to at most this L2 norm on the
+    # shard that receives it (per shard: no shard sees the whole gradient)
+    clip_norm: float = 0.0
     # 1M float32 = 4 MB: the frame size the transport is fastest with (DESIGN.md)
     chunk_elems: int = 1 << 20
 
@@ -114,8 +131,9 @@ class RunConfig:
             raise ConfigError("batch size must be >= 1")
         if min(self.max_steps, self.partitions, self.min_workers) < 0:
             raise ConfigError("max steps, partitions and min workers must be >= 0")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"unknown aggregate {self.aggregate!r}: use one of {', '.join(AGGREGATES)}")
+        parse_aggregate(self.aggregate)
+        if not self.clip_norm >= 0:
+            raise ConfigError("--clip-norm must be >= 0")
         if not 1024 <= self.chunk_elems <= 4 << 20:
             raise ConfigError("chunk size must be 1024 to 4194304 elements (16 MB frames at most)")
 

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping
 
 import torch
 
-from .config import Consistency
+from .config import Consistency, parse_aggregate
 
 APPLY, QUEUE, STALE, DUPLICATE = "apply", "queue", "stale", "duplicate"
 
@@ -78,4 +78,27 @@ def mean(grads: list[torch.Tensor]) -> torch.Tensor:
     return out.div_(len(grads))
 
 
-AGGREGATORS = {"mean": mean}
+def median(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Coordinate-wise median: robust to fewer than half the workers sending garbage."""
+    if len(grads) <= 2:
+        return mean(grads)
+    return torch.stack(grads).median(dim=0).values
+
+
+def trimmed_mean(fraction: float):
+    """Coordinate-wise mean after dropping the `fraction` largest and smallest values."""
+
+    def aggregate(grads: list[torch.Tensor]) -> torch.Tensor:
+        k = int(fraction * len(grads))
+        if k == 0:
+            return mean(grads)
+        ordered = torch.stack(grads).sort(dim=0).values  # (n, numel)
+        return ordered[k : len(grads) - k].mean(dim=0)
+
+    return aggregate
+
+
+def aggregator(name: str):
+    """mean | median | trimmed-mean:F (0 <= F < 0.5); ConfigError for anything else."""
+    kind, fraction = parse_aggregate(name)
+    return trimmed_mean(fraction) if kind == "trimmed-mean" else {"mean": mean, "median": median}[kind]

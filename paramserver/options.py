@@ -10,7 +10,15 @@ import functools
 
 import click
 
-from .config import CONSISTENCY_HELP, OPTIMIZERS, Consistency, OptimizerConfig, RunConfig, Timeouts
+from .config import (
+    AGGREGATE_HELP,
+    CONSISTENCY_HELP,
+    OPTIMIZERS,
+    Consistency,
+    OptimizerConfig,
+    RunConfig,
+    Timeouts,
+)
 from .errors import ConfigError
 
 _RUN, _OPT, _TIME = RunConfig(), OptimizerConfig(), Timeouts()
@@ -33,6 +41,9 @@ RUN_OPTIONS = [
         help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
     opt("--min-workers", "MIN_WORKERS", default=_RUN.min_workers, type=click.IntRange(min=0),
         help="bsp: a round waits (bounded) for pushes from at least this many workers"),
+    opt("--aggregate", "AGGREGATE", default=_RUN.aggregate, help=AGGREGATE_HELP),
+    opt("--clip-norm", "CLIP_NORM", default=_RUN.clip_norm, type=click.FloatRange(min=0),
+        help="scale each push down to this L2 norm per shard (0: off)"),
     opt("--codec", "CODEC", default=_RUN.codec, help="default gradient codec for pushes: none | fp16 | bf16 | topk:RATIO[:noef] | sign[:noef] | qsgd:BITS | package.module:Class"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
 ]
@@ -72,7 +83,8 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
     return RunConfig(
         task=kw.pop("task"), consistency=Consistency.parse(kw.pop("consistency")), optimizer=optimizer,
         batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), partitions=kw.pop("partitions"),
-        max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"), chunk_elems=kw.pop("chunk_elems"),
+        max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"),
+        aggregate=kw.pop("aggregate"), clip_norm=kw.pop("clip_norm"), chunk_elems=kw.pop("chunk_elems"),
     )
 
 

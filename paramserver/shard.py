@@ -46,7 +46,7 @@ class ShardCore:
         self.param = torch.nn.Parameter(init.detach().clone().float())
         self.optimizer = optim.make([self.param], run.optimizer)
         self.policy = consistency.policy(run.consistency)
-        self.aggregate = consistency.AGGREGATORS[run.aggregate]
+        self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
         self.version = self.updates = 0
         self.live: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, start clock)
@@ -83,6 +83,10 @@ class ShardCore:
             flat[chunk.start - self.lo : chunk.stop - self.lo] = values
         if not torch.isfinite(grad).all():
             raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
+        if self.run.clip_norm > 0:
+            norm = float(grad.norm())
+            if norm > self.run.clip_norm:
+                grad.mul_(self.run.clip_norm / norm)
         return grad
 
     def push(self, header: protocol.Push, grad: torch.Tensor) -> Outcome:

@@ -433,3 +433,38 @@ def test_codec_names():
     with pytest.raises(ProtocolError) as e:
         codecs.for_wire("zip")
     assert e.value.code == ErrorCode.BAD_TENSOR
+
+
+# -- robust aggregation and clipping ------------------------------------------------
+
+
+def test_median_and_trimmed_mean_ignore_one_scaled_worker():
+    honest = [torch.full((4,), 1.0 + 0.01 * i) for i in range(4)]
+    attacker = [torch.full((4,), -100.0)]
+    grads = honest + attacker
+    assert consistency.mean(grads)[0] < -15  # plain mean is dragged far off
+    for name in ("median", "trimmed-mean:0.2"):
+        out = consistency.aggregator(name)(grads)
+        assert torch.all((out > 0.99) & (out < 1.04)), (name, out)
+
+
+def test_trimmed_mean_with_nothing_to_trim_is_the_mean():
+    grads = [torch.randn(6) for _ in range(3)]
+    torch.testing.assert_close(consistency.aggregator("trimmed-mean:0.1")(grads), consistency.mean(grads))
+
+
+@pytest.mark.parametrize("name", ["max", "trimmed-mean:0.5", "trimmed-mean:x", "median:1"])
+def test_unknown_aggregates_are_refused(name):
+    with pytest.raises(ConfigError):
+        RunConfig(aggregate=name)
+
+
+def test_clip_norm_scales_a_push_down_on_the_shard():
+    run = RunConfig(consistency=Consistency("asp"), clip_norm=1.0)
+    chunks = sharding.plan(8, 1, 1024)[0]
+    core = ShardCore(0, chunks, torch.zeros(8), run)
+    big = torch.full((8,), 10.0)
+    metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
+    push = protocol.Push(v=protocol.VERSION, seq=1, worker_id=0, incarnation=0, clock=0, base_version=0, tensors=metas)
+    grad = core.decode_push(push, [memoryview(big.numpy()).cast("B")])
+    assert float(grad.norm()) == pytest.approx(1.0, rel=1e-5)
