@@ -48,6 +48,7 @@ class ShardCore:
         self.policy = consistency.policy(run.consistency)
         self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
+        self._scratch = torch.empty(self.numel, dtype=torch.float32)
         self.version = self.updates = 0
         self.live: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, start clock)
         self.clocks: dict[int, int] = {}  # live worker -> pushes it has completed
@@ -75,13 +76,17 @@ class ShardCore:
     def decode_push(self, header: protocol.Push, buffers: list[memoryview]) -> torch.Tensor:
         """The validated gradient of a push as one (numel,) float32 tensor; raises ProtocolError."""
         protocol.check_tensors(header.tensors, self.expected)
-        grad = torch.empty(self.numel, dtype=torch.float32)
+        # asp/ssp apply at once, so one buffer serves every push (allocations of 32 MB
+        # and more are fresh mmaps that page-fault on every push); bsp keeps each
+        # gradient until its round closes
+        grad = self._scratch if self.policy.name != "bsp" else torch.empty(self.numel, dtype=torch.float32)
         flat = grad.numpy()
         for meta, buf in zip(header.tensors, buffers):
             chunk = self._chunk(meta.key)
             values = codecs.for_wire(meta.codec).decode(meta, buf, chunk.numel)
             flat[chunk.start - self.lo : chunk.stop - self.lo] = values
-        if not torch.isfinite(grad).all():
+        lo, hi = torch.aminmax(grad) if self.numel else (torch.zeros(()), torch.zeros(()))
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN and Inf both surface here
             raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
         if self.run.clip_norm > 0:
             norm = float(grad.norm())
