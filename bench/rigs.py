@@ -1,0 +1,204 @@
+"""What the transport-type benchmarks (1, 2, 5) drive: the bare echo peer, and our
+shards behind a real ShardClient.
+
+Our shards run `paramserver.cluster.shard_main`, the entry point of every shard
+process, inside `ShardHosts`: processes spawned once that run one shard after
+another, so that each model size does not pay again for a process start
+(importing torch takes seconds here). Each shard is stopped with the protocol's
+Stop message, as the coordinator does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue as queue_mod
+import time
+
+import numpy as np
+import torch
+import zmq
+
+from paramserver import cluster, protocol, sharding
+from paramserver.config import RunConfig, Timeouts
+from paramserver.protocol import VERSION
+from paramserver.transport import Channel
+from workers.client import ShardClient
+
+from .common import MB, SPAWN, Procs, get
+from .echo import echo_main
+
+log = logging.getLogger(__name__)
+FRAME = 4 * MB  # the bare echo's frame size: the fastest for pyzmq here (DESIGN.md)
+TIMEOUT = 120.0  # one round trip of 400 MB takes about a second; a stuck one fails the run
+
+
+class Bare:
+    """Up to `servers` echo processes; a round trip sends each 1/n of the bytes, in parallel."""
+
+    def __init__(self, procs: Procs, servers: int):
+        ready = SPAWN.Queue()
+        started = [procs.spawn(echo_main, ready, os.getpid(), name=f"bench-echo-{i}") for i in range(servers)]
+        self.addresses = [get(ready, 60, "echo server start", started) for _ in range(servers)]
+        self.ctx = zmq.Context()
+        self.socks = []
+        for a in self.addresses:
+            s = self.ctx.socket(zmq.DEALER)
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(a)
+            self.socks.append(s)
+        self.parts: list[list[memoryview]] = []
+
+    def use(self, nbytes: int, servers: int) -> None:
+        """A payload of `nbytes` split over the first `servers` echoes, in FRAME-sized frames."""
+        self.payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        view = memoryview(self.payload)
+        cuts = [nbytes * i // servers for i in range(servers + 1)]
+        self.parts = [[view[o: min(o + FRAME, hi)] for o in range(lo, hi, FRAME)] for lo, hi in zip(cuts, cuts[1:])]
+        self.copy_recv = nbytes // servers < zmq.COPY_THRESHOLD  # small: bytes are cheaper than Frames
+
+    def round_trip(self) -> None:
+        for sock, frames in zip(self.socks, self.parts):
+            sock.send_multipart(frames, copy=False)
+        deadline = time.monotonic() + TIMEOUT
+        for sock in self.socks[: len(self.parts)]:
+            if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                raise TimeoutError("bare echo did not answer")
+            sock.recv_multipart(copy=self.copy_recv)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+        self.ctx.term()
+
+
+def host_main(inbox, ready, idle, number: int) -> None:
+    """Run `cluster.shard_main` for each job in `inbox`, one after another."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(1)
+    parent = os.getppid()
+    idle.put(number)
+    while os.getppid() == parent:
+        try:
+            job = inbox.get(timeout=1.0)
+        except queue_mod.Empty:
+            continue
+        if job is None:
+            return
+        index, chunks, spec, address = job
+        try:
+            cluster.shard_main(index, chunks, spec, address, "", ready, parent)
+        except Exception as e:  # noqa: BLE001 (the bench reads it from `ready` or times out)
+            ready.put((index, None, f"{type(e).__name__}: {e}"))
+        idle.put(number)
+
+
+class ShardHosts:
+    def __init__(self, count: int = 4):
+        self.count = count
+        self._start()
+
+    def _start(self) -> None:
+        self.procs = Procs()
+        self.inboxes = [SPAWN.Queue() for _ in range(self.count)]
+        self.ready, self.idle = SPAWN.Queue(), SPAWN.Queue()
+        self.hosts = [self.procs.spawn(host_main, q, self.ready, self.idle, i, name=f"bench-shard-host-{i}")
+                      for i, q in enumerate(self.inboxes)]
+        self.wait_idle(self.count)
+
+    def start(self, run: RunConfig, shards: int) -> list[protocol.ShardSpec]:
+        """Shards 0..shards-1 of `run` on hosts 0..shards-1, as cluster.start_shards plans them."""
+        spec = cluster.ServerSpec(run=run, shards=shards, timeouts=Timeouts(), log_level="warning")
+        layout, _ = cluster.initial_weights(run)
+        plan = sharding.plan(layout.total, shards, run.chunk_elems)
+        for i, chunks in enumerate(plan):
+            self.inboxes[i].put((i, chunks, spec, "tcp://127.0.0.1:0"))
+        addresses = {}
+        try:
+            while len(addresses) < shards:
+                index, address, error = get(self.ready, 120, "shard start", self.hosts)
+                if error:
+                    raise RuntimeError(error)
+                addresses[index] = address
+        except BaseException:
+            self.restart()
+            raise
+        return [protocol.ShardSpec(index=i, address=addresses[i], chunks=[(c.key, c.start, c.stop) for c in chunks])
+                for i, chunks in enumerate(plan)]
+
+    def wait_idle(self, n: int) -> None:
+        for _ in range(n):
+            get(self.idle, 120, "shard host", self.hosts)
+
+    def restart(self) -> None:
+        log.warning("restarting the shard hosts")
+        self.procs.close(grace=0.0)
+        self._start()
+
+    def close(self) -> None:
+        for q in self.inboxes:
+            q.put(None)
+        self.procs.close()
+
+
+def stop_shards(ctx: zmq.Context, specs) -> None:
+    for spec in specs:
+        ch = Channel(ctx, spec.address, f"shard {spec.index}")
+        try:
+            ch.request(protocol.Stop(v=VERSION, seq=ch.next_seq()), timeout=10.0)
+        except Exception as e:  # noqa: BLE001 (the host is restarted below if it does not come back)
+            log.warning("shard %d did not acknowledge stop: %s", spec.index, e)
+        finally:
+            ch.close()
+
+
+class Ours:
+    """`shards` shards of `run` on `hosts`, worker 0 made a member, and one ShardClient."""
+
+    def __init__(self, hosts: ShardHosts, run: RunConfig, shards: int):
+        self.hosts, self.ctx = hosts, zmq.Context()
+        self.specs = hosts.start(run, shards)
+        try:
+            self._members({0: (0, 0)})
+            self.client = ShardClient(self.ctx, self.specs)
+        except BaseException:
+            self.close()
+            raise
+        total = max(c[2] for s in self.specs for c in s.chunks)
+        self.weights = torch.empty(total)
+        self.grads = torch.empty(total).uniform_(-1e-3, 1e-3)
+        self.clock = self.version = 0
+        self.push_s: list[float] = []
+        self.pull_s: list[float] = []
+
+    def _members(self, live: dict) -> None:
+        """What the coordinator would tell the shards: worker 0, incarnation 0, is live."""
+        for spec in self.specs:
+            ch = Channel(self.ctx, spec.address, f"shard {spec.index}")
+            try:
+                ch.request(protocol.Membership(v=VERSION, seq=ch.next_seq(), live=live), timeout=30.0)
+            finally:
+                ch.close()
+
+    def push(self) -> None:
+        got = self.client.push(self.grads, 0, 0, self.clock, self.version, TIMEOUT)
+        self.clock, self.version = self.clock + 1, got.version
+
+    def round_trip(self) -> None:
+        t0 = time.perf_counter()
+        self.client.push(self.grads, 0, 0, self.clock, self.version, TIMEOUT)
+        t1 = time.perf_counter()
+        got = self.client.pull(self.weights, 0, self.clock, TIMEOUT)
+        self.push_s.append(t1 - t0)
+        self.pull_s.append(time.perf_counter() - t1)
+        self.clock, self.version = self.clock + 1, got.version
+
+    def close(self) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        stop_shards(self.ctx, self.specs)
+        self.ctx.term()
+        try:
+            self.hosts.wait_idle(len(self.specs))
+        except (TimeoutError, RuntimeError):
+            self.hosts.restart()

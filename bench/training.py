@@ -1,0 +1,144 @@
+"""3. Training against DDP: the same model, data, batch size per worker, seed, optimizer
+(Adam) and number of workers, trained by one process, by torch DDP (gloo, spawned
+processes on loopback) and by paramserver in bsp, asp and ssp:2.
+
+Two workloads: the digits MLP (9,610 parameters: every step is a few hundred
+microseconds of compute, so the exchange's latency decides) and an MLP of
+25.2M parameters on synthetic data (every step moves 100 MB each way).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .common import row, shared, summary
+from .engine import Runner, Workload, with_steps
+
+log = logging.getLogger(__name__)
+
+DIGITS = Workload("digits-mlp", "digits-mlp", steps=500, shards=1, lr=3e-3, eval_every=0.025, timeout=60)
+# a step moves 100 MB each way and takes seconds here: few steps, enough for a rate
+WIDE = Workload("wide-mlp-25m", "bench.tasks:wide_mlp", steps=5, shards=2, lr=3e-4, timeout=300)
+MODES = ["bsp", "asp", "ssp:2"]
+
+
+def plan(quick: bool) -> list[tuple[Workload, list[int], list[str], int]]:
+    """(workload, worker counts, our modes, repetitions)."""
+    if quick:
+        return [(with_steps(DIGITS, 150), [2], ["bsp", "asp"], 1), (with_steps(WIDE, 2), [2], ["asp"], 1)]
+    return [(DIGITS, [2, 4], MODES, 3), (WIDE, [2, 4], MODES, 2)]
+
+
+def systems(workers: list[int], modes: list[str]) -> list[tuple[str, int]]:
+    """Every (system, workers) of one workload: the single process first."""
+    out = [("single", 1)]
+    for n in workers:
+        out += [("ddp", n)] + [(m, n) for m in modes]
+    return out
+
+
+def run_system(runner: Runner, w: Workload, system: str, n: int, **kw) -> dict:
+    try:
+        if system in ("single", "ddp"):
+            return runner.ddp(w, n, **kw)
+        return runner.ours(w, n, system, **kw)
+    except Exception as e:  # noqa: BLE001 (a failed run is data: reported, not fatal)
+        log.error("%s %s x%d failed: %s", w.name, system, n, e)
+        return {"error": str(e)}
+
+
+def run(quick: bool = False, context: dict | None = None) -> dict:
+    torch.set_num_threads(1)
+    runs: dict[str, dict[str, list]] = {}
+    runner, own = shared(context, "runner", Runner)
+    try:
+        for w, workers, modes, reps in plan(quick):
+            todo = systems(workers, modes)
+            for r in range(reps):  # rotate the order so drift does not favour one system
+                for system, n in todo[r % len(todo):] + todo[: r % len(todo)]:
+                    got = run_system(runner, w, system, n)
+                    runs.setdefault(w.name, {}).setdefault(f"{system} x{n}", []).append(got)
+                    log.warning("%s %s x%d: %s", w.name, system, n, _brief(got))
+    finally:
+        if own:
+            runner.close()
+    return result(runs, plan(quick))
+
+
+def _brief(got: dict) -> str:
+    if "error" in got:
+        return got["error"]
+    tt = got["time_to_target"]
+    return (f"{got['samples_per_s']:.0f} samples/s, to target {tt if tt is None else round(tt, 2)} s, "
+            f"final {got['final_accuracy']:.3f}")
+
+
+def values(runs: list, key: str) -> list:
+    return [r.get(key) if r and "error" not in r else None for r in runs]
+
+
+def result(runs: dict, plans) -> dict:
+    rows, detail = [], []
+    for w, workers, modes, _ in plans:
+        got = runs.get(w.name, {})
+        for (system, n) in systems(workers, modes):
+            rs = got.get(f"{system} x{n}", [])
+            detail.append([w.name, "single process" if system == "single" else ("torch DDP" if system == "ddp" else system), n,
+                           summary(values(rs, "samples_per_s")), summary(values(rs, "time_to_target")) if w.eval_every else None,
+                           summary(values(rs, "final_accuracy")), sum(1 for r in rs if "error" in r)])
+            if system in ("single", "ddp"):
+                continue
+            ddp = got.get(f"ddp x{n}", [])
+            rows.append(row(f"{w.name}, {system}, {n} workers", "samples/s", values(rs, "samples_per_s"),
+                            values(ddp, "samples_per_s"), f"DDP x{n}"))
+            if w.eval_every:
+                rows.append(row(f"{w.name}, {system}, {n} workers", f"s to {w.target} accuracy",
+                                values(rs, "time_to_target"), values(ddp, "time_to_target"), f"DDP x{n}", better="lower"))
+    return {
+        "name": "training", "title": "3. Training against DDP",
+        "what": "Same model, data order, batch size per worker (32), seed, optimizer (Adam) and number of workers; "
+                "every process (DDP ranks, our workers and shards) uses one torch thread. "
+                f"digits-mlp: {plans[0][0].steps} steps per worker, lr {plans[0][0].lr}, 1 shard; "
+                "test accuracy checked every 25 ms on worker 0 / rank 0 (and at the end). "
+                + (f"wide-mlp-25m: {plans[1][0].steps} steps per worker, lr {plans[1][0].lr}, 2 shards. " if len(plans) > 1 else "")
+                + "samples/s counts the window in which every worker is stepping; time to target is measured "
+                "from the moment the last worker connected. The coordinator runs on a thread of the bench process, "
+                "shards and workers are processes; bsp runs with --min-workers equal to the worker count.",
+        "rows": rows,
+        "detail": {"columns": ["workload", "system", "workers", "samples/s", "s to 0.95", "final accuracy", "failed runs"],
+                   "rows": detail},
+        "raw": runs,
+    }
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    digits = result["raw"].get("digits-mlp", {})
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rs in digits.items():
+        ok = [r for r in rs if r and "error" not in r and r["trace"]]
+        if ok:
+            t, acc = zip(*ok[0]["trace"])
+            ax[0].plot(t, acc, label=name, lw=1)
+    ax[0].axhline(0.95, ls="--", color="grey")
+    ax[0].set(xlabel="seconds since all workers connected", ylabel="test accuracy", title="digits-mlp (first repetition)",
+              ylim=(0.5, 1.0))
+    ax[0].legend(fontsize=7)
+    names, med, lo, hi = [], [], [], []
+    for wl, sysname, n, sps, *_ in result["detail"]["rows"]:
+        if sps["median"] is not None:
+            short = {"single process": "single", "torch DDP": "DDP"}.get(sysname, sysname)
+            names.append(f"{wl.split('-')[0]} {short} x{n}")
+            med.append(sps["median"])
+            lo.append(sps["median"] - sps["min"])
+            hi.append(sps["max"] - sps["median"])
+    ax[1].barh(range(len(names)), med, xerr=[lo, hi], capsize=2)
+    ax[1].set_yticks(range(len(names)), names, fontsize=7)
+    ax[1].set(xscale="log", xlabel="samples/s (log)", title="throughput")
+    ax[1].invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

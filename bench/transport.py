@@ -1,0 +1,131 @@
+"""1. Transport ceiling: a push + pull round trip of the whole model through the real
+ShardClient and shard processes, against a bare pyzmq DEALER/ROUTER echo of the
+same bytes between two processes in pyzmq's fastest form (zero-copy frames of
+4 MB each way, received without a copy).
+
+Both move the model's bytes once up and once down per round trip, so GB/s is
+2 * size / round-trip time for both. Ours runs asp (pulls never wait) and plain
+SGD without momentum (the apply is one in-place add; benchmark 5 times it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from paramserver.config import Consistency, OptimizerConfig, RunConfig
+
+from . import tasks
+from .common import MB, Procs, interleaved, row, shared, timed
+from .rigs import Bare, Ours, ShardHosts
+
+SMALL = 4096
+SIZES = [SMALL, 1 * MB, 16 * MB, 100 * MB, 400 * MB]
+QUICK_SIZES = [SMALL, 16 * MB]
+
+
+def label(nbytes: int) -> str:
+    return f"{nbytes // 1024} KB" if nbytes < MB else f"{nbytes // MB} MB"
+
+
+def transport_run(nbytes: int) -> RunConfig:
+    return RunConfig(task=tasks.flat_task(nbytes), consistency=Consistency("asp"),
+                     optimizer=OptimizerConfig("sgd", lr=1e-6, momentum=0.0))
+
+
+def iterations(nbytes: int, quick: bool) -> int:
+    """Round trips per repetition: about 0.4 GB moved, at least 2 and at most 300."""
+    n = max(2, min(300, int(400 * MB / nbytes)))
+    return max(2, n // 4) if quick else n
+
+
+def measure(hosts: ShardHosts, bare: Bare, nbytes: int, shards: int, reps: int, quick: bool) -> dict:
+    """Alternate ours and bare at one size and shard count; seconds per round trip per repetition."""
+    ours = Ours(hosts, transport_run(nbytes), shards)
+    try:
+        bare.use(nbytes, shards)
+        for _ in range(2):  # warm-up: first-touch page faults, TCP windows, snapshot buffers
+            ours.round_trip()
+            bare.round_trip()
+        ours.push_s.clear()
+        ours.pull_s.clear()
+        n = iterations(nbytes, quick)
+        times = interleaved({"ours": lambda: timed(ours.round_trip, n), "bare": lambda: timed(bare.round_trip, n)}, reps)
+        return {**times, "iters": n, "push_s": _median(ours.push_s), "pull_s": _median(ours.pull_s)}
+    finally:
+        ours.close()
+
+
+def _median(xs):
+    return float(np.median(xs)) if xs else None
+
+
+def gbps(nbytes: int, seconds: list) -> list:
+    return [2 * nbytes / s / 1e9 for s in seconds]
+
+
+def run(quick: bool = False, context: dict | None = None) -> dict:
+    sizes, reps = (QUICK_SIZES, 3) if quick else (SIZES, 5)
+    torch.set_num_threads(1)
+    rows, raw = [], {}
+    hosts, own = shared(context, "shard_hosts", ShardHosts)
+    with Procs() as procs:
+        bare = Bare(procs, 1)
+        try:
+            for nbytes in sizes:
+                m = measure(hosts, bare, nbytes, 1, reps, quick)
+                raw[label(nbytes)] = {"bytes": nbytes, **m}
+                rows.append(size_row(nbytes, m))
+        finally:
+            bare.close()
+            if own:
+                hosts.close()
+    return {
+        "name": "transport", "title": "1. Transport ceiling",
+        "what": "Push + pull round trip of the whole model through ShardClient and one shard process "
+                "(asp, SGD without momentum), against a bare pyzmq DEALER/ROUTER echo of the same bytes "
+                "between two processes with zero-copy 4 MB frames. GB/s = 2 x size / round-trip time; "
+                "4 KB is reported as round-trip latency. tcp on loopback for both.",
+        "rows": rows, "raw": raw, "reps": reps,
+    }
+
+
+def size_row(nbytes: int, m: dict) -> dict:
+    ours, bare = gbps(nbytes, m["ours"]), gbps(nbytes, m["bare"])
+    r = row(label(nbytes), "GB/s", ours, bare, "bare pyzmq echo")
+    ratio = r["ratio"]["median"]
+    if nbytes == SMALL:
+        us_ours, us_bare = [s * 1e6 for s in m["ours"]], [s * 1e6 for s in m["bare"]]
+        r = row(label(nbytes), "us per round trip", us_ours, us_bare, "bare pyzmq echo", better="lower")
+        r["target"] = "ours <= 100 us; <= 2x bare"
+        r["met"] = r["ours"]["median"] <= 100 and r["ratio"]["median"] <= 2
+    elif nbytes >= 16 * MB:
+        r["target"], r["met"] = ">= 0.8x bare", ratio >= 0.8
+    else:
+        r["target"], r["met"] = ">= 0.5x bare (no more than 2x slower)", ratio >= 0.5
+    r["push_ms"] = m["push_s"] * 1e3 if m["push_s"] is not None else None
+    r["pull_ms"] = m["pull_s"] * 1e3 if m["pull_s"] is not None else None
+    return r
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["metric"] == "GB/s"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [result["raw"][r["case"]]["bytes"] / MB for r in rows]
+    for key, name in (("ours", "paramserver"), ("peer", "bare pyzmq")):
+        med = [r[key]["median"] for r in rows]
+        err = [[m - r[key]["min"] for m, r in zip(med, rows)], [r[key]["max"] - m for m, r in zip(med, rows)]]
+        ax[0].errorbar(xs, med, yerr=err, marker="o", capsize=3, label=name)
+    ax[0].set(xscale="log", xlabel="model size (MB)", ylabel="GB/s (push + pull)", title="round-trip throughput")
+    ax[0].legend()
+    med = [r["ratio"]["median"] for r in rows]
+    err = [[m - r["ratio"]["min"] for m, r in zip(med, rows)], [r["ratio"]["max"] - m for m, r in zip(med, rows)]]
+    ax[1].errorbar(xs, med, yerr=err, marker="o", capsize=3)
+    ax[1].axhline(0.8, ls="--", color="grey", label="target 0.8")
+    ax[1].set(xscale="log", xlabel="model size (MB)", ylabel="ours / bare", title="ratio", ylim=(0, 1.2))
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
