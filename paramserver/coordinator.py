@@ -17,7 +17,7 @@ import zmq
 
 from . import checkpoint, protocol, transport
 from .config import CheckpointConfig, RunConfig, Timeouts
-from .errors import ProtocolError
+from .errors import DeadlineExceeded, ProtocolError
 from .protocol import VERSION, ErrorCode
 from .security import ServerSecurity, make_server, user_id
 from .sharding import Layout
@@ -246,7 +246,11 @@ class Coordinator:
         for i, ch in enumerate(self.channels):
             seq = ch.next_seq()
             self.checkpoints.current.seqs[i] = seq
-            ch.send(protocol.Checkpoint(v=VERSION, seq=seq, directory=name, number=number, at_version=at, exact=exact))
+            try:
+                ch.send(protocol.Checkpoint(v=VERSION, seq=seq, directory=name, number=number, at_version=at, exact=exact))
+            except DeadlineExceeded:
+                self.checkpoints.abandon(f"{ch} is not reachable")
+                return
 
     def final_checkpoint(self) -> None:
         """One last checkpoint before the shards stop (clean shutdown), bounded by its deadline."""
@@ -298,8 +302,8 @@ class Coordinator:
         for ch in self.channels:
             try:
                 ch.send(protocol.Membership(v=VERSION, seq=ch.next_seq(), live=live))
-            except zmq.Again:
-                pass
+            except DeadlineExceeded:
+                log.warning("%s is not reachable; the live set goes out again next tick", ch)
         self._sent_version, self._sent_at = self.members.version, now
 
     def _stop_shards(self) -> None:

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # below this, copying into a zmq message is cheaper than pinning the buffer
 ZERO_COPY_MIN = 64 * 1024
+# a DEALER whose peer never completed the handshake (say, CURVE refused our key)
+# blocks in send: bound it, so that no send waits forever
+SEND_TIMEOUT_MS = 2000
 
 
 def socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -29,6 +32,7 @@ def socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     s.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES)
     s.setsockopt(zmq.SNDHWM, 10_000)
     s.setsockopt(zmq.RCVHWM, 10_000)
+    s.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     return s
 
 
@@ -116,7 +120,10 @@ class Channel:
         return next(self._seq)
 
     def send(self, header, buffers=()) -> None:
-        self.bytes_sent += send(self.sock, protocol.encode(header, buffers))
+        try:
+            self.bytes_sent += send(self.sock, protocol.encode(header, buffers))
+        except zmq.Again:
+            raise DeadlineExceeded(f"could not send to {self.name}: no connection within {SEND_TIMEOUT_MS} ms") from None
 
     def receive(self, seq: int, deadline: float, cancel=None) -> protocol.Decoded:
         """The reply to `seq`, or DeadlineExceeded; an error reply becomes RemoteError.
