@@ -7,12 +7,16 @@
 #   launch/local.sh --consistency asp --max-steps 3000  # N defaults to 4
 #   launch/local.sh 3 --consistency ssp:2 --max-steps 2000
 #   PYTHONPATH=launch launch/local.sh 2 --task example_task:build --min-workers 2 --max-steps 1000
+#   launch/local.sh 2 --checkpoint-dir runs/local/ckpt   # checkpoints every 30 s and at the end
+#   launch/local.sh 2 --resume runs/local/ckpt           # continue that run (same 2 shards)
 #
 # The run ends when the server ends it (--max-steps, or `ps-server stop` from
 # another terminal) or on Ctrl-C. Either way every process this script started
-# is stopped on exit: first politely (`ps-server stop`), then by pid.
+# is stopped on exit: first politely (`ps-server stop`: workers finish and the
+# server writes its final checkpoint), then by pid.
 # Logs go to $LOGDIR (default runs/local): server.log, worker-<i>.log.
-# PS_* environment variables reach every process (see docs/operations.md).
+# PS_* environment variables reach every process (see docs/operations.md);
+# PS_PORT sets the port here too (do not pass --port).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -127,3 +127,11 @@ def test_ctrl_c_stops_every_server_process(procs):
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert "Traceback" not in server.communicate()[1]
+
+
+def test_worker_with_a_bad_codec_exits_with_the_error(procs):
+    port = free_port_block(3)
+    procs.start("ps-server", "start", "--port", str(port), "--shards", "1")
+    out = run("ps-worker", "join", "--server", f"tcp://127.0.0.1:{port}", "--codec", "bogus", timeout=60)
+    assert out.returncode != 0
+    assert "unknown codec 'bogus'" in out.stderr

@@ -30,9 +30,10 @@ class Reply:
 
 class ShardClient:
     def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none", keys=None):
+        # first: a bad name must fail before any socket exists (an open one blocks ctx.term)
+        self.codec = codecs.get(codec)  # this worker's own instance: it holds its error-feedback residuals
         self.channels = [Channel(ctx, s.address, f"shard {s.index}", keys) for s in shards]
         self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
-        self.codec = codecs.get(codec)  # this worker's own instance: it holds its error-feedback residuals
 
     def __repr__(self) -> str:
         return f"<ShardClient shards={len(self.channels)} codec={self.codec.name}>"

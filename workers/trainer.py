@@ -64,7 +64,11 @@ class Trainer:
         # beat from the moment we are a member: building the task can take seconds
         self.session.start_heartbeats()
         run = RunConfig.from_wire(joined.config)
-        self._setup(run, joined)
+        try:
+            self._setup(run, joined)
+        except BaseException:
+            self.session.close()
+            raise
         log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
         try:
             reason = self._loop(run)
