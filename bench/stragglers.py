@@ -59,7 +59,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
     for system in systems[1:]:
         ours = [g.get("time_to_target") if "error" not in g else None for g in runs[system]]
         rows.append(row(f"{system}, 4 workers, 1 at 1/4 speed", "s to 0.95 accuracy", ours, ddp, "DDP, same delay",
-                        better="lower", target="faster than DDP", met=_faster(ours, ddp)))
+                        better="lower"))  # the issue sets no target here
     return {
         "name": "stragglers", "title": "4. Stragglers",
         "what": f"digits-mlp, 4 workers, worker 3 sleeps {delay * 1e3:.1f} ms per step (3x our asp step time of "
@@ -71,13 +71,6 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                              f"{sum(1 for g in runs[s] if g.get('time_to_target') is not None)}/{len(runs[s])}"]
                             for s in systems]},
     }
-
-
-def _faster(ours: list, ddp: list) -> bool | None:
-    a, b = summary(ours)["median"], summary(ddp)["median"]
-    if a is None:
-        return False
-    return True if b is None else a < b
 
 
 def plot(result: dict, path: str) -> None:
