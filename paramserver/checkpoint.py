@@ -64,8 +64,12 @@ def save_shard(path: str, param: torch.Tensor, optimizer: torch.optim.Optimizer,
     """Write a shard's tensors and optimizer state to `path`, fsynced; returns its sha256."""
     state = optimizer.state_dict()
     tensors = {"param": param.detach().clone().contiguous()}
-    for name, value in state["state"].get(0, {}).items():
+    # the optimizer steps one view of `param` per chunk: its state is kept flat like param
+    # (per-element state concatenated in chunk order; a scalar such as Adam's step is shared)
+    per_param = [state["state"].get(i, {}) for i in range(len(optimizer.param_groups[0]["params"]))]
+    for name, value in per_param[0].items():
         if torch.is_tensor(value):
+            value = torch.cat([s[name].reshape(-1) for s in per_param]) if value.dim() else value
             tensors[f"optim.{name}"] = value.detach().clone().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
     save_file(tensors, path, metadata={"meta": json.dumps(meta), "param_groups": json.dumps(groups)})
@@ -87,11 +91,29 @@ def load_shard(path: str) -> tuple[dict[str, torch.Tensor], dict, list]:
 
 
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
-    state = {name[len("optim."):]: t for name, t in tensors.items() if name.startswith("optim.")}
+    flat = {name[len("optim."):]: t for name, t in tensors.items() if name.startswith("optim.")}
+    sizes = [p.numel() for p in optimizer.param_groups[0]["params"]]
+    state = {}
+    if flat:
+        for name, t in flat.items():
+            if t.dim() and t.numel() != sum(sizes):
+                raise ConfigError(f"optimizer state {name!r} holds {t.numel()} values, the shard {sum(sizes)}")
+        for i, part in enumerate(_split_state(flat, sizes)):
+            state[i] = part
     current = optimizer.state_dict()
     merged = [{**g, **{k: v for k, v in saved.items() if k in g}, "params": g["params"]}
               for g, saved in zip(current["param_groups"], groups)]
-    optimizer.load_state_dict({"state": {0: state} if state else {}, "param_groups": merged})
+    optimizer.load_state_dict({"state": state, "param_groups": merged})
+
+
+def _split_state(flat: dict[str, torch.Tensor], sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Flat per-element state cut back into one dict per chunk parameter."""
+    parts = [{} for _ in sizes]
+    for name, t in flat.items():
+        pieces = t.split(sizes) if t.dim() else [t.clone() for _ in sizes]
+        for part, piece in zip(parts, pieces):
+            part[name] = piece
+    return parts
 
 
 # -- publishing and finding checkpoints ----------------------------------------------

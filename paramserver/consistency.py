@@ -68,30 +68,34 @@ def policy(consistency: Consistency):
     return Ssp(consistency.staleness)
 
 
-def mean(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Coordinate-wise mean of same-shape gradients: shape (n,) each -> (n,)."""
+def mean(grads: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Coordinate-wise mean of same-shape gradients: shape (n,) each -> (n,).
+
+    `out`, a buffer of the same shape, saves allocating the result (a fresh
+    buffer of a model's size page-faults on every round).
+    """
     if len(grads) == 1:
         return grads[0]
-    out = grads[0].clone()
-    for g in grads[1:]:
+    out = torch.add(grads[0], grads[1], out=out) if out is not None else grads[0] + grads[1]
+    for g in grads[2:]:
         out.add_(g)
     return out.div_(len(grads))
 
 
-def median(grads: list[torch.Tensor]) -> torch.Tensor:
+def median(grads: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """Coordinate-wise median: robust to fewer than half the workers sending garbage."""
     if len(grads) <= 2:
-        return mean(grads)
+        return mean(grads, out)
     return torch.stack(grads).median(dim=0).values
 
 
 def trimmed_mean(fraction: float):
     """Coordinate-wise mean after dropping the `fraction` largest and smallest values."""
 
-    def aggregate(grads: list[torch.Tensor]) -> torch.Tensor:
+    def aggregate(grads: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
         k = int(fraction * len(grads))
         if k == 0:
-            return mean(grads)
+            return mean(grads, out)
         ordered = torch.stack(grads).sort(dim=0).values  # (n, numel)
         return ordered[k : len(grads) - k].mean(dim=0)
 

@@ -43,20 +43,26 @@ class ShardCore:
         self._short_since = None  # when the open round first had everyone live but too few workers
         self.lo = chunks[0].start if chunks else 0
         self.numel = sum(c.numel for c in chunks)
-        self.param = torch.nn.Parameter(init.detach().clone().float())
-        self.optimizer = optim.make([self.param], run.optimizer)
+        self.param = init.detach().clone().float()  # flat, shape (numel,)
+        # the optimizer steps one Parameter per chunk, each a view of `param`: a push's
+        # frames then serve as gradients as received, without assembling a flat copy
+        self._views = [torch.nn.Parameter(v) for v in self._slices(self.param)]
+        self.optimizer = optim.make(self._views, run.optimizer)
         self.policy = consistency.policy(run.consistency)
         self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
-        self._scratch = torch.empty(self.numel, dtype=torch.float32)
+        self._mean_out: list[torch.Tensor] | None = None  # bsp: where a round's mean is summed
+        # frames of pulls still being sent read param's memory in place (zero-copy);
+        # pins are their trackers, retired buffers earlier param memory still in flight
+        self._pins: list = []
+        self._retired: list[tuple[torch.Tensor, list]] = []
         self.version = self.updates = 0
         self.live: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, start clock)
         self.clocks: dict[int, int] = {}  # live worker -> pushes it has completed
-        self.pending: dict[int, torch.Tensor] = {}  # bsp: worker -> gradient for the open round
+        self.pending: dict[int, list[torch.Tensor]] = {}  # bsp: worker -> gradient for the open round
         self.high_water: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, last push seq)
         self.max_staleness = self.pushes = self.pulls = self.rejected = 0
         self.max_clock_gap = 0  # the most a served pull's clock led the slowest live worker
-        self._snapshot, self._snapshot_version = None, -1
 
     def __repr__(self) -> str:
         return f"<ShardCore {self.index} [{self.lo}:{self.lo + self.numel}] v{self.version} {self.policy.name}>"
@@ -73,29 +79,42 @@ class ShardCore:
         self.clocks = {w: c for w, c in self.clocks.items() if w in live}
         self._maybe_close_round()
 
-    def decode_push(self, header: protocol.Push, buffers: list[memoryview]) -> torch.Tensor:
-        """The validated gradient of a push as one (numel,) float32 tensor; raises ProtocolError."""
+    def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of `flat`, one per chunk in key order (the whole of it when there are none)."""
+        if not self.chunks:
+            return [flat]
+        return [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
+
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A flat gradient of shape (numel,) in the per-chunk form `push` takes."""
+        return self._slices(flat)
+
+    def decode_push(self, header: protocol.Push, buffers: list[memoryview]) -> list[torch.Tensor]:
+        """The validated gradient of a push, one float32 tensor per chunk in key order;
+        raises ProtocolError. Frames of the `none` codec are used in place, not copied."""
         protocol.check_tensors(header.tensors, self.expected)
-        # asp/ssp apply at once, so one buffer serves every push (allocations of 32 MB
-        # and more are fresh mmaps that page-fault on every push); bsp keeps each
-        # gradient until its round closes
-        grad = self._scratch if self.policy.name != "bsp" else torch.empty(self.numel, dtype=torch.float32)
-        flat = grad.numpy()
+        grads: list[torch.Tensor | None] = [None] * len(self.chunks)
         for meta, buf in zip(header.tensors, buffers):
             chunk = self._chunk(meta.key)
             values = codecs.for_wire(meta.codec).decode(meta, buf, chunk.numel)
-            flat[chunk.start - self.lo : chunk.stop - self.lo] = values
-        lo, hi = torch.aminmax(grad) if self.numel else (torch.zeros(()), torch.zeros(()))
-        if not (torch.isfinite(lo) and torch.isfinite(hi)):  # NaN and Inf both surface here
+            if not values.flags.aligned:  # a small frame can sit at any offset of zmq's receive buffer
+                values = values.copy()
+            grads[meta.key - self.chunks[0].key] = torch.from_numpy(values)
+        if not grads:
+            return [torch.zeros(0)]
+        # one aminmax pass per chunk: NaN and Inf both surface in the extremes
+        extremes = torch.stack([x for g in grads for x in torch.aminmax(g)])
+        if not torch.isfinite(extremes).all():
             raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
         if self.run.clip_norm > 0:
-            norm = float(grad.norm())
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
             if norm > self.run.clip_norm:
-                grad.mul_(self.run.clip_norm / norm)
-        return grad
+                grads = torch._foreach_mul(grads, self.run.clip_norm / norm)  # frames stay untouched
+        return grads
 
-    def push(self, header: protocol.Push, grad: torch.Tensor) -> Outcome:
-        """Admit one validated push; raises ProtocolError (not_member, stale) without changing state."""
+    def push(self, header: protocol.Push, grads: list[torch.Tensor]) -> Outcome:
+        """Admit one validated push (`grads` as decode_push gives them); raises
+        ProtocolError (not_member, stale) without changing state."""
         worker = header.worker_id
         if self.live.get(worker, (None,))[0] != header.incarnation:
             raise ProtocolError(f"worker {worker} is not a live member here; rejoin", ErrorCode.NOT_MEMBER)
@@ -112,11 +131,11 @@ class ShardCore:
         if verdict == DUPLICATE:
             return Outcome(self.version, False, self.finished)
         if verdict == QUEUE:
-            self.pending[worker] = grad
+            self.pending[worker] = grads
             applied = self._maybe_close_round()
             return Outcome(self.version, applied, self.finished)
         assert verdict == APPLY
-        self._apply(grad, header.base_version)
+        self._apply(grads, header.base_version)
         return Outcome(self.version, True, self.finished)
 
     def _is_duplicate(self, worker: int, incarnation: int, seq: int) -> bool:
@@ -126,9 +145,12 @@ class ShardCore:
     def _maybe_close_round(self) -> bool:
         if not self.policy.round_ready(self.live, self.pending) or self._short_of_workers():
             return False
-        grads = list(self.pending.values())
+        pushes = list(self.pending.values())
         self.pending.clear()
-        self._apply(self.aggregate(grads), self.version)
+        if self._mean_out is None:
+            self._mean_out = self._slices(torch.empty(self.numel, dtype=torch.float32))
+        self._apply([self.aggregate([g[i] for g in pushes], out=out) for i, out in enumerate(self._mean_out)],
+                    self.version)
         return True
 
     def _short_of_workers(self) -> bool:
@@ -151,11 +173,14 @@ class ShardCore:
         """Time-driven work (a --min-workers wait running out); True if a round closed."""
         return bool(self.pending) and self._maybe_close_round()
 
-    def _apply(self, grad: torch.Tensor, base_version: int) -> None:
+    def _apply(self, grads: list[torch.Tensor], base_version: int) -> None:
         self.max_staleness = max(self.max_staleness, self.version - base_version)
-        self.param.grad = grad
+        self._make_writable()
+        for p, g in zip(self._views, grads):
+            p.grad = g
         self.optimizer.step()
-        self.param.grad = None
+        for p in self._views:
+            p.grad = None
         self.version += 1
         self.updates += 1
 
@@ -170,17 +195,37 @@ class ShardCore:
     def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
         """The current weights as (metas, buffers), one frame per chunk.
 
-        A fresh copy per version: buffers sent without copying may still be in
-        flight when the optimizer next updates `param` in place.
+        The buffers are param's own memory: whoever sends them without a copy
+        must `pin` the send, so that the next update leaves them alone.
         """
-        if self._snapshot_version != self.version:
-            self._snapshot = self.param.detach().clone().numpy()
-            self._snapshot_version = self.version
+        flat = self.param.numpy()
         metas, buffers = [], []
         for c in self.chunks:
             metas.append(protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]))
-            buffers.append(self._snapshot[c.start - self.lo : c.stop - self.lo])
+            buffers.append(flat[c.start - self.lo : c.stop - self.lo])
         return metas, buffers
+
+    def pin(self, trackers: list) -> None:
+        """Frames that read the current weights in place are in flight until each `.done`."""
+        self._pins.extend(trackers)
+
+    def _make_writable(self) -> None:
+        """Before param changes in place: if frames in flight still read its memory,
+        leave that memory to them and move param to a copy (a free retired buffer
+        when there is one: fresh large allocations page-fault)."""
+        self._pins = [p for p in self._pins if not p.done]
+        if not self._pins:
+            return
+        busy = [(b, ps) for b, ps in self._retired if not all(p.done for p in ps)]
+        free = [b for b, ps in self._retired if all(p.done for p in ps)]
+        target = free.pop() if free else torch.empty_like(self.param)
+        target.copy_(self.param)
+        busy.append((self.param, self._pins))
+        self.param = target
+        for p, view in zip(self._views, self._slices(target)):
+            p.data = view
+        self._retired = busy + [(b, []) for b in free[:1]]
+        self._pins = []
 
     def meta(self) -> dict:
         """What a checkpoint keeps besides the tensors."""
@@ -195,13 +240,13 @@ class ShardCore:
         if meta["lo"] != self.lo or tensors["param"].numel() != self.numel:
             raise ConfigError(f"shard {self.index}: checkpoint holds [{meta['lo']}:+{tensors['param'].numel()}], "
                               f"this shard [{self.lo}:+{self.numel}]")
+        self._make_writable()
         with torch.no_grad():
             self.param.copy_(tensors["param"])
         checkpoint.restore_optimizer(self.optimizer, tensors, groups)
         self.version, self.updates = meta["version"], meta["updates"]
         self.max_staleness = meta.get("max_staleness", 0)
         self.high_water = {w: (inc, seq) for w, inc, seq in meta.get("high_water", [])}
-        self._snapshot_version = -1
 
     def waiting_for(self) -> list[int]:
         if self.policy.name != "bsp" or not self.pending:
@@ -279,9 +324,9 @@ class ShardServer:
             log.exception("shard %d failed on a request", self.core.index)
             self.reply(identity, protocol.error_reply(protocol.seq_of(body), ErrorCode.INTERNAL, repr(e)))
 
-    def reply(self, identity: bytes, frames: list) -> int:
+    def reply(self, identity: bytes, frames: list, trackers: list | None = None) -> int:
         try:
-            return transport.send(self.sock, [identity, *frames], zmq.NOBLOCK)
+            return transport.send(self.sock, [identity, *frames], zmq.NOBLOCK, trackers)
         except zmq.Again:
             log.warning("shard %d: reply dropped, peer not reading", self.core.index)
             return 0
@@ -304,7 +349,9 @@ class ShardServer:
     def _send_weights(self, identity: bytes, h: protocol.Pull) -> None:
         metas, buffers = self.core.snapshot()
         header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas, finished=self.core.finished)
-        self.bytes_pulled += self.reply(identity, protocol.encode(header, buffers))
+        trackers = []
+        self.bytes_pulled += self.reply(identity, protocol.encode(header, buffers), trackers)
+        self.core.pin(trackers)
 
     def on_membership(self, identity: bytes, msg: protocol.Decoded) -> None:
         self.core.set_live(dict(msg.header.live))

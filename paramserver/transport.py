@@ -46,14 +46,23 @@ def bind(sock: zmq.Socket, address: str) -> str:
     return address
 
 
-def send(sock: zmq.Socket, frames: list, flags: int = 0) -> int:
-    """Send frames, large ones without a copy; returns the bytes put on the wire."""
+def send(sock: zmq.Socket, frames: list, flags: int = 0, trackers: list | None = None) -> int:
+    """Send frames, large ones without a copy; returns the bytes put on the wire.
+
+    With `trackers`, each frame sent without a copy adds a MessageTracker there:
+    its buffer must not change until the tracker is `.done`.
+    """
     total, last = 0, len(frames) - 1
     for i, f in enumerate(frames):
         n = memoryview(f).nbytes if not isinstance(f, bytes) else len(f)
         total += n
         more = zmq.SNDMORE if i < last else 0
-        sock.send(f, flags | more, copy=n < ZERO_COPY_MIN)
+        if n < ZERO_COPY_MIN:
+            sock.send(f, flags | more, copy=True)
+        elif trackers is None:
+            sock.send(f, flags | more, copy=False)
+        else:
+            trackers.append(sock.send(f, flags | more, copy=False, track=True))
     return total
 
 

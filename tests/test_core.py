@@ -183,7 +183,7 @@ def push(core: ShardCore, worker: int, clock: int, grad: torch.Tensor, seq: int 
     seq = 100 * clock + worker + 1 if seq is None else seq  # unique per (worker, clock), rising with clock
     header = protocol.Push(v=VERSION, seq=seq, worker_id=worker, incarnation=incarnation, clock=clock,
                            base_version=core.version, tensors=[])
-    return core.push(header, grad.clone())
+    return core.push(header, core.split(grad.clone()))
 
 
 def pull_ready(core: ShardCore, worker: int, clock: int, observer: bool = False) -> bool:
@@ -192,7 +192,7 @@ def pull_ready(core: ShardCore, worker: int, clock: int, observer: bool = False)
 
 def state(core: ShardCore) -> tuple:
     return (core.param.detach().clone(), core.version, core.updates, core.pushes, dict(core.clocks),
-            {w: g.clone() for w, g in core.pending.items()})
+            {w: torch.cat(g) for w, g in core.pending.items()})
 
 
 def assert_same_state(a: tuple, b: tuple) -> None:
@@ -313,7 +313,51 @@ def test_decode_push_assembles_the_flat_gradient():
              protocol.TensorMeta(key=0, dtype="float32", shape=[4])]
     bufs = [memoryview(G0[4:].numpy().astype(np.float16)).cast("B"), memoryview(G0[:4].numpy()).cast("B")]
     header = protocol.Push(v=VERSION, seq=1, worker_id=0, incarnation=0, clock=0, base_version=0, tensors=metas)
-    assert torch.equal(core.decode_push(header, bufs), G0)
+    assert torch.equal(torch.cat(core.decode_push(header, bufs)), G0)
+
+
+
+class Tracker:
+    """Stands in for a zmq MessageTracker: `done` once the frame has left."""
+
+    def __init__(self):
+        self.done = False
+
+
+def test_weights_in_flight_are_never_changed_under_a_pull():
+    core = make_core("asp")
+    core.set_live({0: (0, 0)})
+    _, frames = core.snapshot()
+    sent = [f.copy() for f in frames]
+    tracker = Tracker()
+    core.pin([tracker])  # the pull's frames point into the weights and have not left yet
+    push(core, 0, 0, G0)
+    assert all(np.array_equal(f, s) for f, s in zip(frames, sent))  # the frames still read version 0
+    assert torch.equal(core.param, INIT - LR * G0)  # the update went to a copy
+    tracker.done = True
+    moved_to = core.param.data_ptr()
+    push(core, 0, 1, G1)  # nothing in flight: updated in place, no copy
+    assert core.param.data_ptr() == moved_to and torch.equal(core.param, INIT - LR * (G0 + G1))
+
+
+def test_a_checkpoint_keeps_optimizer_state_across_chunks(tmp_path):
+    from paramserver import checkpoint
+
+    run = RunConfig(consistency=Consistency("asp"), optimizer=OptimizerConfig("adam", lr=0.1))
+    chunks = sharding.plan(10, 1, 4)[0]  # three chunks: three optimizer parameters
+    a = ShardCore(0, chunks, torch.linspace(-1, 1, 10), run)
+    a.set_live({0: (0, 0)})
+    grads = [torch.linspace(0, 1, 10) * k for k in (1.0, -2.0, 0.5)]
+    for clock, g in enumerate(grads[:2]):
+        push(a, 0, clock, g)
+    path = str(tmp_path / "shard-0.safetensors")
+    checkpoint.save_shard(path, a.param, a.optimizer, a.meta())
+    b = ShardCore(0, chunks, torch.zeros(10), run)
+    b.restore(*checkpoint.load_shard(path))
+    b.set_live({0: (0, 0)})
+    push(a, 0, 2, grads[2])
+    push(b, 0, 2, grads[2])  # same moments and step count: the same next update, bit for bit
+    assert torch.equal(a.param, b.param)
 
 
 # -- coordinator.Members -----------------------------------------------------------
@@ -466,5 +510,6 @@ def test_clip_norm_scales_a_push_down_on_the_shard():
     big = torch.full((8,), 10.0)
     metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
     push = protocol.Push(v=protocol.VERSION, seq=1, worker_id=0, incarnation=0, clock=0, base_version=0, tensors=metas)
-    grad = core.decode_push(push, [memoryview(big.numpy()).cast("B")])
+    grad = torch.cat(core.decode_push(push, [memoryview(big.numpy()).cast("B")]))
+    assert torch.equal(big, torch.full((8,), 10.0))  # the received frame itself is left alone
     assert float(grad.norm()) == pytest.approx(1.0, rel=1e-5)
