@@ -120,7 +120,8 @@ def section(res: dict, image_prefix: str) -> list[str]:
         lines += ["", "All runs:", ""] + table(d["columns"], d["rows"])
     extra = [(k, r[k]) for r in res["rows"] for k in ("push_ms", "pull_ms") if r.get(k) is not None]
     if extra:
-        lines += ["", "Median time of one push and one pull inside our round trip (ms): "
+        lines += ["", "Ours is one exchange per step (the push, answered with the next weights). For the record, "
+                  "the same as two exchanges, a push and then a pull, median ms: "
                   + "; ".join(f"{r['case']}: push {num(r['push_ms'])}, pull {num(r['pull_ms'])}"
                               for r in res["rows"] if r.get("push_ms") is not None)]
     if res.get("plot"):

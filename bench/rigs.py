@@ -185,6 +185,12 @@ class Ours:
         self.clock, self.version = self.clock + 1, got.version
 
     def round_trip(self) -> None:
+        """One worker step's exchange: the push, answered with the next weights."""
+        got = self.client.push(self.grads, 0, 0, self.clock, self.version, TIMEOUT, pull_into=self.weights)
+        self.clock, self.version = self.clock + 1, got.version
+
+    def split_trip(self) -> None:
+        """The same as two exchanges, a push and then a pull, timed apart."""
         t0 = time.perf_counter()
         self.client.push(self.grads, 0, 0, self.clock, self.version, TIMEOUT)
         t1 = time.perf_counter()

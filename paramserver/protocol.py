@@ -205,6 +205,9 @@ class Push(Header, tag="push"):
     clock: Count
     base_version: Count  # the weights version the gradient was computed on
     tensors: Annotated[list[TensorMeta], Meta(max_length=MAX_TENSORS)]
+    # also a pull at clock + 1: the reply is then pull_ok with the next weights, saving
+    # the worker a second exchange per step
+    pull: bool = False
 
 
 class PushOk(Header, tag="push_ok"):

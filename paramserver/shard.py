@@ -34,6 +34,15 @@ class Outcome:
     finished: bool
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. Large: one aminmax pass (the extremes show both) without
+    a temporary the size of `t`; small: numpy, whose call costs a fraction of torch's."""
+    if t.numel() < 1 << 16:
+        return bool(np.isfinite(t.numpy()).all())
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
 class ShardCore:
     def __init__(self, index: int, chunks: list[Chunk], init: torch.Tensor, run: RunConfig,
                  min_workers_wait: float = Timeouts.min_workers_wait, clock=time.monotonic):
@@ -102,9 +111,7 @@ class ShardCore:
             grads[meta.key - self.chunks[0].key] = torch.from_numpy(values)
         if not grads:
             return [torch.zeros(0)]
-        # one aminmax pass per chunk: NaN and Inf both surface in the extremes
-        extremes = torch.stack([x for g in grads for x in torch.aminmax(g)])
-        if not torch.isfinite(extremes).all():
+        if not all(_finite(g) for g in grads):
             raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
         if self.run.clip_norm > 0:
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
@@ -336,15 +343,22 @@ class ShardServer:
         grad = self.core.decode_push(h, msg.buffers)
         out = self.core.push(h, grad)
         self.bytes_pushed += msg.wire_bytes
+        if h.pull:  # answered with the weights for the worker's next clock, when it may have them
+            self._serve_deferred()
+            self._answer_pull(identity, protocol.Pull(v=VERSION, seq=h.seq, worker_id=h.worker_id, clock=h.clock + 1))
+            return
         self.reply(identity, protocol.encode(protocol.PushOk(v=VERSION, seq=h.seq, version=out.version, applied=out.applied, finished=out.finished)))
         self._serve_deferred()
 
     def on_pull(self, identity: bytes, msg: protocol.Decoded) -> None:
+        self._answer_pull(identity, msg.header)
+
+    def _answer_pull(self, identity: bytes, h: protocol.Pull) -> None:
         self.core.pulls += 1
-        if self.core.pull_ready(msg.header):
-            self._send_weights(identity, msg.header)
+        if self.core.pull_ready(h):
+            self._send_weights(identity, h)
         else:
-            self.deferred.append((identity, msg.header, time.monotonic() + self.timeouts.pull_wait))
+            self.deferred.append((identity, h, time.monotonic() + self.timeouts.pull_wait))
 
     def _send_weights(self, identity: bytes, h: protocol.Pull) -> None:
         metas, buffers = self.core.snapshot()

@@ -14,7 +14,7 @@ import torch
 import zmq
 
 from paramserver import codecs, protocol
-from paramserver.errors import DeadlineExceeded
+from paramserver.errors import DeadlineExceeded, ProtocolError
 from paramserver.protocol import VERSION
 from paramserver.sharding import Chunk
 from paramserver.transport import Channel
@@ -58,20 +58,19 @@ class ShardClient:
         replies = []
         for ch, seq, chunks in zip(self.channels, seqs, self.chunks):
             msg = ch.receive(seq, deadline, cancel)
-            protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
-            by_key = {c.key: c for c in chunks}
-            for meta, buf in zip(msg.header.tensors, msg.buffers):
-                c = by_key[meta.key]
-                flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
+            _copy_weights(flat, msg, chunks)
             replies.append(msg.header)
         return _combine(replies)
 
     def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float,
-             cancel=None, retry_for: float = 0.0) -> Reply:
+             cancel=None, retry_for: float = 0.0, pull_into: torch.Tensor | None = None) -> Reply:
         """Send each shard its slice of `grads` (flat float32, shape (total,)); wait for every ack.
 
         Each attempt waits `timeout`; unanswered pushes are resent for up to `retry_for`.
+        With `pull_into`, the same exchange also pulls at clock + 1: each shard answers
+        with its weights once the consistency mode allows, copied into `pull_into`.
         """
+        pulling = pull_into is not None
         messages = []
         for ch, chunks in zip(self.channels, self.chunks):
             metas, buffers = [], []
@@ -81,11 +80,16 @@ class ShardClient:
                 metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
                 buffers.append(buf)
             header = protocol.Push(v=VERSION, seq=ch.next_seq(), worker_id=worker, incarnation=incarnation,
-                                   clock=clock, base_version=base_version, tensors=metas)
+                                   clock=clock, base_version=base_version, tensors=metas, pull=pulling)
             messages.append((header, buffers))
             ch.send(header, buffers)
-        return _combine([self._ack(ch, header, buffers, timeout, retry_for, cancel)
-                         for ch, (header, buffers) in zip(self.channels, messages)])
+        replies = []
+        for ch, chunks, (header, buffers) in zip(self.channels, self.chunks, messages):
+            msg = self._ack(ch, header, buffers, timeout, retry_for, cancel)
+            if pulling:
+                _copy_weights(pull_into.numpy(), msg, chunks)
+            replies.append(msg.header)
+        return _combine(replies)
 
     def _ack(self, ch: Channel, header, buffers, timeout: float, retry_for: float, cancel):
         """Wait for one shard's ack; on a timeout resend the SAME message (same sequence
@@ -93,7 +97,7 @@ class ShardClient:
         give_up = time.monotonic() + retry_for
         while True:
             try:
-                return ch.receive(header.seq, time.monotonic() + timeout, cancel).header
+                return ch.receive(header.seq, time.monotonic() + timeout, cancel)
             except DeadlineExceeded:
                 if time.monotonic() + timeout > give_up:
                     raise
@@ -108,6 +112,17 @@ class ShardClient:
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
+
+
+def _copy_weights(flat, msg: protocol.Decoded, chunks: list[Chunk]) -> None:
+    """A shard's pull_ok into the flat weights; ProtocolError if it is not the shard's keys."""
+    if not isinstance(msg.header, protocol.PullOk):
+        raise ProtocolError(f"expected pull_ok, got {type(msg.header).__name__}")
+    protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
+    by_key = {c.key: c for c in chunks}
+    for meta, buf in zip(msg.header.tensors, msg.buffers):
+        c = by_key[meta.key]
+        flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
 
 
 def _combine(headers) -> Reply:

@@ -93,7 +93,9 @@ class Trainer:
     def _loop(self, run: RunConfig) -> str:
         started = time.monotonic()
         timeouts = self.cfg.timeouts
+        wait = timeouts.pull_wait + timeouts.request_timeout
         cancel = self._cancelled
+        got = None  # set when self.params already hold the weights for self.clock
         while True:
             if self.session.finish.is_set():
                 return "finished"
@@ -101,17 +103,20 @@ class Trainer:
                 return "steps"
             if self.session.dropped.is_set():
                 self._rejoin()
+                got = None
             try:
-                got = self.client.pull(self.params, self.session.worker_id, self.clock,
-                                       timeouts.pull_wait + timeouts.request_timeout, cancel=cancel)
+                if got is None:
+                    got = self.client.pull(self.params, self.session.worker_id, self.clock, wait, cancel=cancel)
                 if got.finished:
                     return "finished"
                 if self.bsp:
                     self.clock = got.version  # in bsp the round number is the clock
                 self._compute(self.batches.at(self.clock))
-                pushed = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
-                                          self.clock, got.version, timeouts.request_timeout, cancel=cancel,
-                                          retry_for=timeouts.reconnect_timeout)
+                base, got = got.version, None
+                # one exchange per step: the push's answer carries the next weights
+                got = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
+                                       self.clock, base, wait, cancel=cancel,
+                                       retry_for=timeouts.reconnect_timeout, pull_into=self.params)
             except RemoteError as e:
                 self._recover(e)
                 continue
@@ -125,8 +130,6 @@ class Trainer:
             self.clock += 1
             self.steps += 1
             self._report(started)
-            if pushed.finished:
-                return "finished"
 
     def _compute(self, batch) -> None:
         x, y = self.task.train[0][batch], self.task.train[1][batch]

@@ -79,11 +79,25 @@ def get(name: str) -> Codec:
 
 
 def for_wire(name: str) -> Codec:
-    """The codec a received TensorMeta names; anything wrong is a protocol error, never a crash."""
+    """The codec a received TensorMeta names; anything wrong is a protocol error, never a crash.
+
+    Decoding keeps no state, so one instance per name serves every message (a
+    name is parsed once, not once per chunk of every message).
+    """
+    codec = _DECODERS.get(name)
+    if codec is not None:
+        return codec
     try:
-        return get(name)
+        codec = get(name)
     except ConfigError as e:
         raise ProtocolError(str(e), ErrorCode.BAD_TENSOR) from None
+    if len(_DECODERS) < MAX_DECODERS:  # names come off the wire: the table stays bounded
+        _DECODERS[name] = codec
+    return codec
+
+
+MAX_DECODERS = 256
+_DECODERS: dict[str, Codec] = {}
 
 
 def _user_class(module: str, attr: str) -> type[Codec]:
