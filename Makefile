@@ -29,8 +29,9 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check paramserver workers tests bench
 
+# QUICK=1: the smoke version (about 2 minutes, results in bench/results/quick/, docs untouched)
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -257,6 +257,7 @@ class Orchestrator:
         self.last = clock()
         self.current: _Pending | None = None
         self.written = 0
+        self.published_at: float | None = None  # clock() of the newest publish
 
     @property
     def enabled(self) -> bool:
@@ -306,5 +307,6 @@ class Orchestrator:
         path = publish(self.cfg.directory, cur.tmp, cur.number, manifest, self.cfg.keep)
         self.current, self.last = None, self.now()
         self.written += 1
+        self.published_at = self.last
         log.info("checkpoint %d written: %s (step %d)", cur.number, path, manifest["updates"])
         return path

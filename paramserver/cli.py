@@ -10,6 +10,7 @@ from . import admin
 from . import log as logsetup
 from .config import CheckpointConfig
 from .errors import ConfigError
+from .linkemu import LINK_HELP, parse_item, per_worker
 from .options import (
     CLIENT_KEYS,
     RUN_OPTIONS,
@@ -57,12 +58,15 @@ def server():
      help="directory of worker public keys (*.key) allowed in; read again as it changes")
 @opt("--exit-when-idle", "EXIT_WHEN_IDLE", default=0.0, type=click.FloatRange(min=0),
      help="end the run when no worker has been live for this many seconds (0: never)")
+@opt("--metrics-port", "METRICS_PORT", default=0, type=click.IntRange(0, 65535),
+     help="serve Prometheus metrics: the coordinator on this port, shard i on port+1+i (0: off)")
+@opt("--event-log", "EVENT_LOG", default="", help="append structured events (JSON lines) of every server process here")
 @apply(RUN_OPTIONS)
 @apply(SERVER_TIMEOUTS)
 @LOG_LEVEL
 @friendly
 def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep, resume, advertise, insecure,
-          curve_secret_key, authorized_keys, exit_when_idle, log_level, **kw):
+          curve_secret_key, authorized_keys, exit_when_idle, metrics_port, event_log, log_level, **kw):
     """Start the coordinator and SHARDS shard processes; run until stopped or --max-steps."""
     import dataclasses
 
@@ -77,7 +81,7 @@ def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep,
     _check(run)
     spec = cluster.ServerSpec(run=run, host=host, port=port, shards=shards, timeouts=t, log_level=log_level,
                               checkpoints=CheckpointConfig(checkpoint_dir, checkpoint_every, keep), resume=resume,
-                              advertise=advertise, security=security)
+                              advertise=advertise, security=security, metrics_port=metrics_port, event_log=event_log)
 
     def ready(address):
         click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
@@ -115,24 +119,41 @@ def keygen(out, name):
 
 @server.command()
 @opt("--server", "SERVER", default="tcp://127.0.0.1:5555", help="the coordinator's address")
-@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
-@opt("--timeout", "STATUS_TIMEOUT", default=5.0, type=float)
+@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON (implies --once)")
+@click.option("--once", is_flag=True, help="print once and exit (the default when not on a terminal)")
+@opt("--interval", "STATUS_INTERVAL", default=1.0, type=click.FloatRange(min=0.1), help="seconds between refreshes")
+@opt("--timeout", "STATUS_TIMEOUT", default=5.0, type=float, help="seconds to wait for each answer")
 @apply(CLIENT_KEYS)
 @friendly
-def status(server, as_json, timeout, server_key, curve_secret_key):
-    """Show live workers, their clocks and heartbeats, and what a round waits for."""
+def status(server, as_json, once, interval, timeout, server_key, curve_secret_key):
+    """Show live workers (clock, how far behind, steps/s, CPU, memory, bytes) and shards;
+    on a terminal the table refreshes until Ctrl-C, the straggler in red."""
+    import sys
+
+    from rich.console import Console
+    from rich.live import Live
+
     from .security import client_keys
 
-    info = admin.status(server, timeout, keys=client_keys(curve_secret_key, server_key))
+    keys = client_keys(curve_secret_key, server_key)
+    info = admin.status(server, timeout, keys=keys)
     if as_json:
         click.echo(json.dumps(info, indent=2, default=str))
         return
-    click.echo(f"{info['state']}  updates={info['updates']}  consistency={info['config']['consistency']}")
-    if info["waiting_for"]:
-        click.echo(f"round waiting for workers {info['waiting_for']}")
-    click.echo(f"{'id':>4} {'host':<20} {'clock':>7} {'loss':>8} {'steps/s':>8} {'last seen':>9}")
-    for w in info["workers"]:
-        click.echo(f"{w['id']:>4} {w['host'][:20]:<20} {w['clock']:>7} {w['loss']:>8.4f} {w['steps_per_s']:>8.1f} {w['last_seen']:>8.1f}s")
+    tty = sys.stdout.isatty()
+    console = Console(width=None if tty else 160)  # piped: one line per worker, not rich's 80 columns
+    if once or not tty:
+        console.print(admin.status_view(info))
+        return
+    import time
+
+    with Live(admin.status_view(info), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(interval)
+                live.update(admin.status_view(admin.status(server, timeout, keys=keys)), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 @server.command()
@@ -147,6 +168,16 @@ def stop(server, server_key, curve_secret_key):
     click.echo("stop requested", err=True)
 
 
+def _check_links(ctx, param, values: tuple[str, ...]) -> tuple[str, ...]:
+    """Check each --link text as it is given; which worker it names is checked against --workers later."""
+    for text in values:
+        try:
+            parse_item(text)
+        except ConfigError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+    return values
+
+
 @click.group(context_settings={"show_default": True})
 def sim():
     """Local multi-process simulations."""
@@ -159,20 +190,24 @@ def sim():
 @opt("--report", "SIM_REPORT", default="runs/sim", help="folder for report.json")
 @opt("--delays", "SIM_DELAYS", default="", help="extra seconds per step for each worker, e.g. 0,0,0,0.02")
 @opt("--timeout", "SIM_TIMEOUT", default=900.0, type=float, help="deadline for the whole run")
+@opt("--link", "SIM_LINK", multiple=True, callback=_check_links,
+     help="emulate a bad network: " + LINK_HELP + ". delay, jitter, rate: a proxy per worker; "
+          "loss, down (partitions, seconds after training began): real drops with nftables, root only")
 @apply(RUN_OPTIONS)
 @apply(TIMEOUT_OPTIONS)
 @opt("--log-level", "LOG_LEVEL", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--progress/--no-progress", default=True)
 @friendly
-def sim_run(workers, shards, steps, report, delays, timeout, log_level, progress, **kw):
+def sim_run(workers, shards, steps, report, delays, timeout, link, log_level, progress, **kw):
     """Start a server and WORKERS workers as processes, train, evaluate, write a report."""
     from .sim import SimConfig, simulate
 
     logsetup.setup(log_level)
     t, run = timeouts(kw), run_config(kw)
+    links = tuple(per_worker(link, workers))
     _check(run)
     cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
-                    timeout=timeout, progress=progress, log_level=log_level, timeouts=t)
+                    timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links)
     result = simulate(run, cfg)
     click.echo(f"final test accuracy {result['final_accuracy']:.4f} ({run.consistency}, {workers} workers, "
                f"{shards} shards, {result['train_seconds']:.1f}s training)")

@@ -25,6 +25,7 @@ from . import log as logsetup
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .coordinator import Coordinator
 from .errors import ConfigError, PSError
+from .events import EventLog
 from .security import ServerSecurity
 from .shard import ShardCore, ShardServer
 
@@ -55,6 +56,8 @@ class ServerSpec:
     # machine's name when binding every interface
     advertise: str = ""
     security: ServerSecurity | None = None  # CURVE keys and allow-list; None: plain sockets
+    metrics_port: int = 0  # > 0: Prometheus metrics, coordinator here, shard i at +1+i
+    event_log: str = ""  # a JSON-lines file every server process appends its events to
 
     @property
     def public_host(self) -> str:
@@ -101,7 +104,11 @@ def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, par
         core = ShardCore(index, chunks, flat[lo:hi], run, timeouts.min_workers_wait)
         if resume_file:
             core.restore(*checkpoint.load_shard(resume_file))
-        server = ShardServer(ctx, core, address, timeouts, spec.checkpoints.directory, spec.security)
+        events = EventLog(spec.event_log, f"shard-{index}")
+        server = ShardServer(ctx, core, address, timeouts, spec.checkpoints.directory, spec.security, events)
+        if spec.metrics_port:
+            server.metrics.serve(spec.host, spec.metrics_port + 1 + index)
+        events.emit("start", shard=index, address=server.address, version=core.version, resumed_from=resume_file)
     except (zmq.ZMQError, PSError, OSError) as e:
         ready.put((index, None, f"shard {index} at {address}: {e}"))
         _end(ctx, spec)
@@ -212,9 +219,17 @@ def serve(spec: ServerSpec, on_ready=None) -> dict:
     try:
         try:
             coordinator = Coordinator(ctx, f"tcp://{spec.host}:{spec.port}", spec.run, specs, spec.timeouts,
-                                      initial_weights(spec.run)[0], spec.checkpoints, resume, spec.security)
+                                      initial_weights(spec.run)[0], spec.checkpoints, resume, spec.security,
+                                      EventLog(spec.event_log, "coordinator"))
         except zmq.ZMQError as e:
             raise ConfigError(f"cannot bind tcp://{spec.host}:{spec.port}: {e}; choose another --port") from e
+        if spec.metrics_port:
+            try:
+                coordinator.metrics.serve(spec.host, spec.metrics_port)
+            except OSError as e:
+                coordinator.close()
+                raise ConfigError(f"cannot serve metrics on {spec.host}:{spec.metrics_port}: {e}; "
+                                  "choose another --metrics-port") from e
         log.info("coordinator at %s; %d shards; %s", coordinator.address, spec.shards, spec.run.consistency)
         if on_ready:
             on_ready(_public(coordinator.address, spec.public_host))

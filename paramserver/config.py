@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .protocol import PULL_CODECS
 
 CONSISTENCY_HELP = "bsp | asp | ssp:S (S = bounded staleness in clocks)"
 OPTIMIZERS = ("sgd", "adam", "adamw", "adagrad")
@@ -101,6 +102,12 @@ class OptimizerConfig:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
 
 
+def check_pull_codec(name: str) -> str:
+    if name not in PULL_CODECS:
+        raise ConfigError(f"unknown pull codec {name!r}: use {' | '.join(PULL_CODECS)}")
+    return name
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What the coordinator tells every worker at join, and what shards run with."""
@@ -119,6 +126,8 @@ class RunConfig:
     # by Timeouts.min_workers_wait), so early joiners do not train alone
     min_workers: int = 0
     codec: str = "none"
+    # how pulls travel unless a worker asks otherwise: none | fp16 | bf16 | delta
+    pull_codec: str = "none"
     aggregate: str = "mean"
     # > 0: each push's gradient slice is scaled down to at most this L2 norm on the
     # shard that receives it (per shard: no shard sees the whole gradient)
@@ -132,6 +141,7 @@ class RunConfig:
         if min(self.max_steps, self.partitions, self.min_workers) < 0:
             raise ConfigError("max steps, partitions and min workers must be >= 0")
         parse_aggregate(self.aggregate)
+        check_pull_codec(self.pull_codec)
         if not self.clip_norm >= 0:
             raise ConfigError("--clip-norm must be >= 0")
         if not 1024 <= self.chunk_elems <= 4 << 20:

@@ -18,11 +18,14 @@ import zmq
 from . import checkpoint, protocol, transport
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .errors import DeadlineExceeded, ProtocolError
+from .events import EventLog
+from .metrics import CoordinatorMetrics
 from .protocol import VERSION, ErrorCode
 from .security import ServerSecurity, make_server, user_id
 from .sharding import Layout
 
 log = logging.getLogger(__name__)
+TRAFFIC_FIELDS = protocol.Traffic.__struct_fields__
 
 
 @dataclass
@@ -110,8 +113,10 @@ class Members:
 class Coordinator:
     def __init__(self, ctx: zmq.Context, address: str, run: RunConfig, shards: list[protocol.ShardSpec],
                  timeouts: Timeouts, layout: Layout | None = None, checkpoints: CheckpointConfig | None = None,
-                 resume: checkpoint.Checkpoint | None = None, security: ServerSecurity | None = None):
+                 resume: checkpoint.Checkpoint | None = None, security: ServerSecurity | None = None,
+                 events: EventLog | None = None):
         self.run, self.shards, self.timeouts, self.layout = run, shards, timeouts, layout
+        self.events = events or EventLog()
         self.security = security
         self.keys = security.keys if security else None  # also our client identity towards the shards
         self.sock = transport.socket(ctx, zmq.ROUTER)
@@ -132,6 +137,9 @@ class Coordinator:
                                                    timeouts.checkpoint_write)
         if resume:
             self.members.restore(resume.manifest["members"])
+            self.events.emit("resume", checkpoint=resume.path, number=resume.number, updates=resume.manifest["updates"],
+                             run_id=self.run_id)
+        self.metrics = self._metrics()  # served only if serve_metrics is called
         self.handlers = {
             protocol.Join: self.on_join,
             protocol.Heartbeat: self.on_heartbeat,
@@ -142,6 +150,15 @@ class Coordinator:
 
     def __repr__(self) -> str:
         return f"<Coordinator {self.address} {self.state} live={len(self.members.live)}>"
+
+    def _metrics(self) -> CoordinatorMetrics:
+        m = CoordinatorMetrics()
+        # read at scrape time, from the metrics thread: plain reads of ints and dict sizes
+        m.live_workers.set_function(lambda: len(self.members.live))
+        m.updates.set_function(self.updates)
+        cp = self.checkpoints
+        m.checkpoint_age.set_function(lambda: -1 if cp.published_at is None else cp.now() - cp.published_at)
+        return m
 
     def serve(self, until: float = float("inf"), watch=None) -> None:
         """Serve until the run ends or `until` (monotonic); `watch()` runs every tick."""
@@ -196,6 +213,9 @@ class Coordinator:
 
     def tick(self, now: float) -> None:
         for m in self.members.expire(now):
+            self.metrics.drops.inc()
+            self.events.emit("drop", worker=m.worker_id, host=m.host, incarnation=m.incarnation,
+                             reason=f"no heartbeat for {self.timeouts.heartbeat_timeout}s")
             log.warning("worker %d (%s) missed heartbeats for %.1fs: dropped", m.worker_id, m.host, self.timeouts.heartbeat_timeout)
         if self.members.version != self._sent_version or now - self._sent_at > self.timeouts.heartbeat_interval:
             self._tell_shards(now)
@@ -204,10 +224,12 @@ class Coordinator:
             self.idle_since = now
         if self.state == "run" and self._run_over():
             log.info("run complete after %d updates; telling workers to finish", self.updates())
+            self.events.emit("finish", updates=self.updates(), reason="max steps")
             self.finish(now)
         idle = self.timeouts.exit_when_idle
         if self.state == "run" and idle and now - self.idle_since > idle:
             log.info("no worker for %.0fs (--exit-when-idle); ending the run", idle)
+            self.events.emit("finish", updates=self.updates(), reason="idle")
             self.finish(now)
         if self.state == "finish" and (not self.members.live or now > self.finish_deadline):
             self.final_checkpoint()
@@ -229,7 +251,9 @@ class Coordinator:
     def _tick_checkpoints(self) -> None:
         cp = self.checkpoints
         if cp.complete(len(self.shards)):
-            cp.publish(self._manifest())
+            path = cp.publish(self._manifest())
+            self.metrics.checkpoints.inc()
+            self.events.emit("checkpoint", number=cp.number, path=path, updates=self.updates())
         elif cp.expired():
             cp.abandon(f"not every shard answered within {self.timeouts.checkpoint_write}s")
         elif cp.due() and self.state == "run" and len(self.stats) == len(self.shards):
@@ -275,6 +299,7 @@ class Coordinator:
         self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}", self.keys) for s in shards]
         self.members.reset(ckpt.manifest["members"])
         self.epoch += 1
+        self.events.emit("restart", checkpoint=ckpt.path, number=ckpt.number, epoch=self.epoch)
         self._sent_version = -1
 
     def _manifest(self) -> dict:
@@ -328,9 +353,12 @@ class Coordinator:
                 raise ProtocolError(f"the coordinator does not serve {type(msg.header).__name__}", ErrorCode.UNKNOWN_OP)
             reply = handler(msg.header)
         except ProtocolError as e:
+            self.metrics.rejected.labels(e.code).inc()
+            self.events.rejected(e.code, str(e))
             log.warning("coordinator rejected a message: %s", e)
             reply = protocol.error(protocol.seq_of(body), e.code, str(e))
         except Exception as e:  # a bug must cost one request, never the coordinator
+            self.metrics.rejected.labels(ErrorCode.INTERNAL).inc()
             log.exception("coordinator failed on a request")
             reply = protocol.error(protocol.seq_of(body), ErrorCode.INTERNAL, repr(e))
         try:
@@ -342,6 +370,9 @@ class Coordinator:
         if self.state != "run":
             return protocol.Error(v=VERSION, seq=h.seq, code=ErrorCode.FINISHED, message="the run is over")
         m = self.members.join(h.worker_id, h.host, h.pid, time.monotonic())
+        self.metrics.joins.inc()
+        self.events.emit("join", worker=m.worker_id, host=h.host, worker_pid=h.pid, incarnation=m.incarnation,
+                         clock=m.clock, asked_for=h.worker_id)
         log.info("worker %d joined from %s (pid %d), incarnation %d, clock %d", m.worker_id, h.host, h.pid, m.incarnation, m.clock)
         self._tell_shards(time.monotonic())
         return protocol.JoinOk(
@@ -358,6 +389,7 @@ class Coordinator:
     def on_leave(self, h: protocol.Leave):
         if self.members.leave(h.worker_id, h.incarnation):
             log.info("worker %d left", h.worker_id)
+            self.events.emit("leave", worker=h.worker_id, incarnation=h.incarnation)
             self._tell_shards(time.monotonic())
         return protocol.Ack(v=VERSION, seq=h.seq)
 
@@ -370,9 +402,21 @@ class Coordinator:
             self.finish(time.monotonic())
         return protocol.Ack(v=VERSION, seq=h.seq)
 
+    def traffic(self) -> dict[int, dict]:
+        """Bytes each worker (live or gone) pushed and pulled, over all shards: raw
+        (as float32) and as they went on the wire."""
+        out: dict[int, dict] = {}
+        for s in self.stats.values():
+            for worker, t in s.traffic.items():
+                sums = out.setdefault(worker, dict.fromkeys(TRAFFIC_FIELDS, 0))
+                for name in TRAFFIC_FIELDS:
+                    sums[name] += getattr(t, name)
+        return out
+
     def status(self) -> dict:
         now = time.monotonic()
         waiting = sorted({w for s in self.stats.values() for w in s.waiting_for})
+        traffic = self.traffic()
         return {
             "state": self.state,
             "address": self.address,
@@ -387,9 +431,11 @@ class Coordinator:
             "workers": [
                 {"id": m.worker_id, "incarnation": m.incarnation, "host": m.host, "pid": m.pid, "clock": m.clock,
                  "partition": m.partition, "loss": m.loss, "steps_per_s": m.steps_per_s,
-                 "last_seen": now - m.last_seen, "resources": m.resources}
+                 "last_seen": now - m.last_seen, "resources": m.resources,
+                 "traffic": traffic.get(m.worker_id, dict.fromkeys(TRAFFIC_FIELDS, 0))}
                 for m in self.members.live.values()
             ],
+            "traffic": {str(w): t for w, t in sorted(traffic.items())},
             "shards": [
                 {"index": s.index, "address": self.shards[s.index].address, "version": s.version, "updates": s.updates,
                  "pushes": s.pushes, "pulls": s.pulls, "rejected": s.rejected, "bytes_pushed": s.bytes_pushed,
@@ -402,3 +448,5 @@ class Coordinator:
         for ch in self.channels:
             ch.close()
         self.sock.close(linger=0)
+        self.metrics.close()
+        self.events.close()

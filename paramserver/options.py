@@ -14,6 +14,7 @@ from .config import (
     AGGREGATE_HELP,
     CONSISTENCY_HELP,
     OPTIMIZERS,
+    PULL_CODECS,
     Consistency,
     OptimizerConfig,
     RunConfig,
@@ -45,6 +46,8 @@ RUN_OPTIONS = [
     opt("--clip-norm", "CLIP_NORM", default=_RUN.clip_norm, type=click.FloatRange(min=0),
         help="scale each push down to this L2 norm per shard (0: off)"),
     opt("--codec", "CODEC", default=_RUN.codec, help="default gradient codec for pushes: none | fp16 | bf16 | topk:RATIO[:noef] | sign[:noef] | qsgd:BITS | package.module:Class"),
+    opt("--pull-codec", "PULL_CODEC", default=_RUN.pull_codec, type=click.Choice(PULL_CODECS),
+        help="default for how pulls travel: none | fp16 | bf16 (whole weights) | delta (only the entries that changed since the worker's last pull)"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
 ]
 
@@ -69,6 +72,22 @@ CLIENT_KEYS = [
 ]
 
 
+def _routes(ctx, param, values) -> tuple[tuple[str, str], ...]:
+    out = []
+    for text in values:
+        real, sep, via = text.partition("=")
+        if not sep or not real.strip() or not via.strip():
+            raise click.BadParameter(f"{text!r} is not ADDRESS=CONNECT_TO, e.g. "
+                                     "tcp://10.0.0.5:5556=tcp://127.0.0.1:7000", ctx, param)
+        out.append((real.strip(), via.strip()))
+    return tuple(out)
+
+
+ROUTE = opt("--route", "ROUTES", multiple=True, callback=_routes,
+            help="ADDRESS=CONNECT_TO: reach a coordinator or shard ADDRESS (as the server names it) through "
+                 "CONNECT_TO instead, e.g. a link emulator or tcp://SOURCE_IP:0;HOST:PORT; repeat for several")
+
+
 def apply(options):
     def decorate(f):
         for o in reversed(options):
@@ -84,6 +103,7 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
         task=kw.pop("task"), consistency=Consistency.parse(kw.pop("consistency")), optimizer=optimizer,
         batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), partitions=kw.pop("partitions"),
         max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"),
+        pull_codec=kw.pop("pull_codec"),
         aggregate=kw.pop("aggregate"), clip_norm=kw.pop("clip_norm"), chunk_elems=kw.pop("chunk_elems"),
     )
 

@@ -45,6 +45,10 @@ DTYPES = {  # wire name -> bytes per element; the whitelist
     "int32": 4,
 }
 DType = Literal["float32", "float16", "bfloat16", "int8", "uint8", "int32"]
+# how a pull's weights travel: whole (float32, float16, bfloat16), or `delta`: only
+# the entries that changed since the worker's last answer (docs/protocol.md)
+PULL_CODECS = ("none", "fp16", "bf16", "delta")
+PullCodec = Literal["none", "fp16", "bf16", "delta"]
 
 
 class ErrorCode:
@@ -150,6 +154,15 @@ class Membership(Header, tag="membership"):
     live: Annotated[dict[Id, tuple[Count, Count]], Meta(max_length=1 << 16)]
 
 
+class Traffic(Struct, array_like=True, forbid_unknown_fields=True):
+    """One worker's bytes through one shard: raw = as float32, wire = as sent."""
+
+    pushed_raw: Count = 0
+    pushed_wire: Count = 0
+    pulled_raw: Count = 0
+    pulled_wire: Count = 0
+
+
 class ShardStats(Header, tag="shard_stats"):
     index: Count
     version: Count
@@ -164,6 +177,7 @@ class ShardStats(Header, tag="shard_stats"):
     max_staleness: Count
     max_clock_gap: int = 0  # ssp: the most a served pull led the slowest live worker
     pid: Count = 0
+    traffic: Annotated[dict[Id, Traffic], Meta(max_length=1 << 16)] = {}
 
 
 class Checkpoint(Header, tag="checkpoint"):
@@ -191,12 +205,15 @@ class Pull(Header, tag="pull"):
     clock: Count
     # an observer (evaluation, export) reads the newest weights and never waits
     observer: bool = False
+    codec: PullCodec = "none"
+    have: Count = 0  # delta: the token of the last answer the worker applied (0: none)
 
 
 class PullOk(Header, tag="pull_ok"):
     version: Count
     tensors: Annotated[list[TensorMeta], Meta(max_length=MAX_TENSORS)]
     finished: bool = False
+    token: Count = 0  # delta: send it back as `have`; 0 when not a delta answer
 
 
 class Push(Header, tag="push"):
@@ -208,6 +225,8 @@ class Push(Header, tag="push"):
     # also a pull at clock + 1: the reply is then pull_ok with the next weights, saving
     # the worker a second exchange per step
     pull: bool = False
+    pull_codec: PullCodec = "none"
+    have: Count = 0
 
 
 class PushOk(Header, tag="push_ok"):

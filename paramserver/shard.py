@@ -7,6 +7,7 @@ thin I/O shell around it: one ROUTER socket, one thread, a handler table.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -20,6 +21,8 @@ from . import checkpoint, codecs, consistency, optim, protocol, transport
 from .config import RunConfig, Timeouts
 from .consistency import APPLY, DUPLICATE, QUEUE, STALE
 from .errors import ConfigError, ProtocolError
+from .events import EventLog
+from .metrics import ShardMetrics
 from .protocol import VERSION, ErrorCode
 from .security import ServerSecurity, make_server, user_id
 from .sharding import Chunk
@@ -65,6 +68,11 @@ class ShardCore:
         # pins are their trackers, retired buffers earlier param memory still in flight
         self._pins: list = []
         self._retired: list[tuple[torch.Tensor, list]] = []
+        # delta pulls: worker -> (token, the weights as last sent to it)
+        self._sent: dict[int, tuple[int, np.ndarray]] = {}
+        self._tokens = itertools.count(1)
+        # told of every update: on_apply(staleness, seconds the step took)
+        self.on_apply = None
         self.version = self.updates = 0
         self.live: dict[int, tuple[int, int]] = {}  # worker -> (incarnation, start clock)
         self.clocks: dict[int, int] = {}  # live worker -> pushes it has completed
@@ -86,6 +94,7 @@ class ShardCore:
                 self.clocks[worker] = clock  # new or re-joined: starts at the clock it was given
         self.live = dict(live)
         self.clocks = {w: c for w, c in self.clocks.items() if w in live}
+        self._sent = {w: v for w, v in self._sent.items() if w in live}
         self._maybe_close_round()
 
     def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
@@ -181,8 +190,10 @@ class ShardCore:
         return bool(self.pending) and self._maybe_close_round()
 
     def _apply(self, grads: list[torch.Tensor], base_version: int) -> None:
-        self.max_staleness = max(self.max_staleness, self.version - base_version)
+        staleness = self.version - base_version
+        self.max_staleness = max(self.max_staleness, staleness)
         self._make_writable()
+        started = time.perf_counter()
         for p, g in zip(self._views, grads):
             p.grad = g
         self.optimizer.step()
@@ -190,6 +201,8 @@ class ShardCore:
             p.grad = None
         self.version += 1
         self.updates += 1
+        if self.on_apply is not None:
+            self.on_apply(staleness, time.perf_counter() - started)
 
     def pull_ready(self, header: protocol.Pull) -> bool:
         if header.observer or self.finished:
@@ -200,7 +213,7 @@ class ShardCore:
         return ready
 
     def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
-        """The current weights as (metas, buffers), one frame per chunk.
+        """The current weights as (metas, buffers), one float32 frame per chunk.
 
         The buffers are param's own memory: whoever sends them without a copy
         must `pin` the send, so that the next update leaves them alone.
@@ -211,6 +224,32 @@ class ShardCore:
             metas.append(protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]))
             buffers.append(flat[c.start - self.lo : c.stop - self.lo])
         return metas, buffers
+
+    def encoded(self, codec: str, worker: int, have: int) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
+        """The current weights for a pull asking for `codec` other than none, in frames of
+        their own memory: (metas, buffers, token); token is 0 unless codec is delta."""
+        flat = self.param.numpy()
+        if codec != codecs.delta.NAME:
+            enc = codecs.for_wire(codec)
+            metas, buffers = [], []
+            for c, view in zip(self.chunks, self._slices(self.param)):
+                dtype, shape, params, buf = enc.encode(c.key, view)
+                metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=codec, params=params))
+                buffers.append(buf)
+            return metas, buffers, 0
+        token, sent = self._sent.get(worker, (0, None))
+        if sent is None or not have or have != token:
+            sent = np.full(self.numel, np.nan, dtype=np.float32)  # matches nothing: every chunk goes whole
+        metas, buffers = [], []
+        for c in self.chunks:
+            a, b = c.start - self.lo, c.stop - self.lo
+            meta, buf = codecs.delta.encode(c.key, flat[a:b], sent[a:b])
+            metas.append(meta)
+            buffers.append(buf)
+        token = next(self._tokens)
+        if worker in self.live:  # observers and strangers get whole weights, nothing kept
+            self._sent[worker] = (token, sent)
+        return metas, buffers, token
 
     def pin(self, trackers: list) -> None:
         """Frames that read the current weights in place are in flight until each `.done`."""
@@ -268,16 +307,21 @@ class ShardServer:
     """The I/O shell: a ROUTER socket serving workers (data) and the coordinator (control)."""
 
     def __init__(self, ctx: zmq.Context, core: ShardCore, address: str, timeouts: Timeouts,
-                 checkpoint_root: str = "", security: ServerSecurity | None = None):
+                 checkpoint_root: str = "", security: ServerSecurity | None = None, events: EventLog | None = None):
         self.core, self.timeouts, self.checkpoint_root = core, timeouts, checkpoint_root
+        self.events = events or EventLog()
         self.security = security
+        self.metrics = ShardMetrics(core.index)  # served only if serve_metrics is called
+        self._last_update: float | None = None
+        core.on_apply = self._applied
         self.sock = transport.socket(ctx, zmq.ROUTER)
         if security:
             make_server(self.sock, security.keys)
         self.address = transport.bind(self.sock, address)
-        self.deferred: list[tuple[bytes, protocol.Pull, float]] = []
+        self.deferred: list[tuple[bytes, protocol.Pull, float, float]] = []  # (.., deadline, arrived)
         self.checkpoint_request: tuple[bytes, protocol.Checkpoint] | None = None
         self.bytes_pushed = self.bytes_pulled = 0
+        self.traffic: dict[int, protocol.Traffic] = {}  # by member worker: what it pushed and pulled here
         self.running = True
         self.handlers = {
             protocol.Pull: self.on_pull,
@@ -290,6 +334,12 @@ class ShardServer:
 
     def __repr__(self) -> str:
         return f"<ShardServer {self.core.index} {self.address}>"
+
+    def _applied(self, staleness: int, seconds: float) -> None:
+        now = time.monotonic()
+        since = None if self._last_update is None else now - self._last_update
+        self._last_update = now
+        self.metrics.applied(staleness, seconds, since, self.core.version)
 
     def serve(self, until: float = float("inf"), parent_pid: int | None = None) -> None:
         """Serve until stopped, `until` (monotonic) passes, or the parent process is gone."""
@@ -304,6 +354,8 @@ class ShardServer:
                 log.warning("shard %d: launcher is gone; exiting", self.core.index)
                 break
         self.sock.close(linger=0)
+        self.metrics.close()
+        self.events.close()
 
     def handle(self, frames: list) -> None:
         if len(frames) < 2:
@@ -323,11 +375,15 @@ class ShardServer:
             self._maybe_checkpoint()
         except ProtocolError as e:
             self.core.rejected += 1
+            self.metrics.refused(e.code)
+            self.events.rejected(e.code, str(e))
             if self.core.rejected <= 10 or self.core.rejected % 1000 == 0:
                 log.warning("shard %d rejected a message (%d so far): %s", self.core.index, self.core.rejected, e)
             self.reply(identity, protocol.error_reply(protocol.seq_of(body), e.code, str(e)))
         except Exception as e:  # a bug must cost one request, never the shard
             self.core.rejected += 1
+            self.metrics.refused(ErrorCode.INTERNAL)
+            self.events.rejected(ErrorCode.INTERNAL, repr(e))
             log.exception("shard %d failed on a request", self.core.index)
             self.reply(identity, protocol.error_reply(protocol.seq_of(body), ErrorCode.INTERNAL, repr(e)))
 
@@ -340,32 +396,68 @@ class ShardServer:
 
     def on_push(self, identity: bytes, msg: protocol.Decoded) -> None:
         h = msg.header
+        arrived = time.monotonic()
         grad = self.core.decode_push(h, msg.buffers)
         out = self.core.push(h, grad)
         self.bytes_pushed += msg.wire_bytes
+        t = self._traffic(h.worker_id)
+        if t is not None:
+            raw = 4 * self.core.numel
+            t.pushed_raw += raw
+            t.pushed_wire += msg.wire_bytes
+            self.metrics.pushed(h.worker_id, raw, msg.wire_bytes, time.monotonic() - arrived)
         if h.pull:  # answered with the weights for the worker's next clock, when it may have them
             self._serve_deferred()
-            self._answer_pull(identity, protocol.Pull(v=VERSION, seq=h.seq, worker_id=h.worker_id, clock=h.clock + 1))
-            return
+            pull = protocol.Pull(v=VERSION, seq=h.seq, worker_id=h.worker_id, clock=h.clock + 1,
+                                 codec=h.pull_codec, have=h.have)
+            if self._answer_pull(identity, pull, arrived):
+                return
+            # the weights wait for the consistency rule: acknowledge the push now, so that
+            # the worker knows it landed and does not resend it while it waits
         self.reply(identity, protocol.encode(protocol.PushOk(v=VERSION, seq=h.seq, version=out.version, applied=out.applied, finished=out.finished)))
         self._serve_deferred()
 
     def on_pull(self, identity: bytes, msg: protocol.Decoded) -> None:
-        self._answer_pull(identity, msg.header)
+        self._answer_pull(identity, msg.header, time.monotonic())
 
-    def _answer_pull(self, identity: bytes, h: protocol.Pull) -> None:
+    def _answer_pull(self, identity: bytes, h: protocol.Pull, arrived: float) -> bool:
+        """Send the weights now (True) or park the pull until the consistency rule allows (False)."""
         self.core.pulls += 1
         if self.core.pull_ready(h):
-            self._send_weights(identity, h)
-        else:
-            self.deferred.append((identity, h, time.monotonic() + self.timeouts.pull_wait))
+            self._send_weights(identity, h, arrived)
+            return True
+        self.deferred.append((identity, h, arrived + self.timeouts.pull_wait, arrived))
+        return False
 
-    def _send_weights(self, identity: bytes, h: protocol.Pull) -> None:
-        metas, buffers = self.core.snapshot()
-        header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas, finished=self.core.finished)
-        trackers = []
-        self.bytes_pulled += self.reply(identity, protocol.encode(header, buffers), trackers)
-        self.core.pin(trackers)
+    def _send_weights(self, identity: bytes, h: protocol.Pull, arrived: float) -> None:
+        trackers, token = [], 0
+        if h.codec == "none":
+            metas, buffers = self.core.snapshot()
+        else:
+            metas, buffers, token = self.core.encoded(h.codec, h.worker_id, h.have)
+            trackers = None  # frames of their own: nothing to pin
+        header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas,
+                                 finished=self.core.finished, token=token)
+        sent = self.reply(identity, protocol.encode(header, buffers), trackers)
+        if trackers:
+            self.core.pin(trackers)
+        self.bytes_pulled += sent
+        t = None if h.observer else self._traffic(h.worker_id)
+        if t is not None:
+            raw = 4 * self.core.numel
+            t.pulled_raw += raw
+            t.pulled_wire += sent
+            self.metrics.pulled(h.worker_id, raw, sent, time.monotonic() - arrived)
+
+    def _traffic(self, worker: int) -> protocol.Traffic | None:
+        """The worker's byte counters; None for a worker that is not a member (a pull
+        names any id it likes, and the table must stay bounded)."""
+        if worker not in self.core.live or (worker not in self.traffic and len(self.traffic) >= 1 << 16):
+            return None
+        t = self.traffic.get(worker)
+        if t is None:
+            t = self.traffic[worker] = protocol.Traffic()
+        return t
 
     def on_membership(self, identity: bytes, msg: protocol.Decoded) -> None:
         self.core.set_live(dict(msg.header.live))
@@ -375,6 +467,7 @@ class ShardServer:
             clocks=dict(c.clocks), waiting_for=c.waiting_for(), pushes=c.pushes, pulls=c.pulls,
             rejected=c.rejected, bytes_pushed=self.bytes_pushed, bytes_pulled=self.bytes_pulled,
             max_staleness=c.max_staleness, max_clock_gap=c.max_clock_gap, pid=os.getpid(),
+            traffic=dict(self.traffic),
         )
         self.reply(identity, protocol.encode(stats))
         self._serve_deferred()
@@ -416,6 +509,7 @@ class ShardServer:
                 log.warning("shard %d: checkpoint write failed: %s", self.core.index, e)
                 reply = protocol.error_reply(h.seq, ErrorCode.INTERNAL, f"checkpoint write failed: {e}")
             else:
+                self.events.emit("checkpoint_write", file=path, version=self.core.version, number=h.number)
                 reply = protocol.encode(protocol.CheckpointOk(
                     v=VERSION, seq=h.seq, index=self.core.index, file=name, sha256=digest,
                     version=self.core.version, updates=self.core.updates))
@@ -423,18 +517,18 @@ class ShardServer:
 
     def _serve_deferred(self) -> None:
         waiting = []
-        for identity, header, deadline in self.deferred:
+        for identity, header, deadline, arrived in self.deferred:
             if self.core.pull_ready(header):
-                self._send_weights(identity, header)
+                self._send_weights(identity, header, arrived)
             else:
-                waiting.append((identity, header, deadline))
+                waiting.append((identity, header, deadline, arrived))
         self.deferred = waiting
 
     def _expire_deferred(self) -> None:
         now = time.monotonic()
-        if not any(d <= now for _, _, d in self.deferred):
+        if not any(d[2] <= now for d in self.deferred):
             return
-        for identity, header, deadline in self.deferred:
+        for identity, header, deadline, _ in self.deferred:
             if deadline <= now:
                 msg = f"pull at clock {header.clock} still blocked by consistency after {self.timeouts.pull_wait}s"
                 self.reply(identity, protocol.error_reply(header.seq, ErrorCode.WAIT_TIMEOUT, msg))

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from . import admin, cluster, tasks
+from . import admin, cluster, linkemu, netfault, tasks
 from . import log as logsetup
 from .config import RunConfig, Timeouts
 from .errors import DeadlineExceeded, PSError
+from .linkemu import LinkSpec
 from .sharding import Layout, unflatten
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class SimConfig:
     # per-worker extra seconds per step (a slow device); missing entries are 0
     delays: tuple[float, ...] = ()
     timeout: float = 900.0  # the whole run, start-up included
+    # per-worker network links (linkemu.per_worker); missing entries: a plain loopback link
+    links: tuple[LinkSpec, ...] = ()
     progress: bool = True
     log_level: str = "warning"
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -54,28 +57,24 @@ def worker_main(cfg, results, log_level="warning"):
 
 def simulate(run: RunConfig, sim: SimConfig) -> dict:
     """Run the simulation to the end; returns the report (also written to sim.report)."""
-    from workers import WorkerConfig
-
     if run.consistency.mode == "bsp" and not run.min_workers:
         # the simulation knows how many workers are coming: no round before all are in
         run = dataclasses.replace(run, min_workers=sim.workers)
     started = time.monotonic()
     deadline = started + sim.timeout
+    net = _Network(sim)  # refuses loss/down here, before anything starts, if it cannot drop packets
     ready, results = cluster.SPAWN.Queue(), cluster.SPAWN.Queue()
     spec = cluster.ServerSpec(run=run, host=sim.host, shards=sim.shards, timeouts=sim.timeouts, log_level=sim.log_level)
     server = cluster.SPAWN.Process(target=cluster.server_main, name="ps-server", args=(spec, ready))
-    server.start()
-    procs = [server]
+    procs = []
     ctx = zmq.Context()
     try:
+        net.open()
+        server.start()
+        procs.append(server)
         address = _server_address(ready, server, sim.timeouts.startup)
-        for i in range(sim.workers):
-            delay = sim.delays[i] if i < len(sim.delays) else 0.0
-            cfg = WorkerConfig(server=address, max_steps=sim.steps, delay=delay, timeouts=sim.timeouts)
-            p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}", args=(cfg, results, sim.log_level))
-            p.start()
-            procs.append(p)
-        trained_from = _watch(ctx, address, procs[1:], sim, deadline)
+        _start_workers(ctx, address, sim, net, results, procs)
+        trained_from, membership = _watch(ctx, address, procs[1:], sim, deadline, on_began=net.begin)
         failed = [f"{p.name} (exit code {p.exitcode})" for p in procs[1:] if p.exitcode != 0]
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
@@ -83,12 +82,78 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         report = _evaluate(ctx, address, run, sim, worker_results)
         report["wall_seconds"] = time.monotonic() - started
         report["train_seconds"] = time.monotonic() - trained_from
+        report["membership_events"] = membership
+        report["link"] = net.close()  # the rules go before anything else can fail
         admin.stop(address, ctx=ctx)
         _write(report, sim.report)
         return report
     finally:
-        cluster.stop_processes(procs, sim.timeouts.shutdown_grace + 5)
-        ctx.term()
+        try:
+            net.close()
+        finally:
+            cluster.stop_processes(procs, sim.timeouts.shutdown_grace + 5)
+            ctx.term()
+
+
+def _start_workers(ctx, address: str, sim: SimConfig, net: _Network, results, procs: list) -> None:
+    """Spawn the worker processes (appended to procs), each routed over its own link."""
+    from workers import WorkerConfig
+
+    # the shard addresses the coordinator will hand out at join, so that links can proxy them too
+    shards = [s["address"] for s in admin.status(address, timeout=10.0, ctx=ctx)["shard_map"]] if net.specs else []
+    for i in range(sim.workers):
+        delay = sim.delays[i] if i < len(sim.delays) else 0.0
+        cfg = WorkerConfig(server=address, max_steps=sim.steps, delay=delay, timeouts=sim.timeouts,
+                           routes=net.routes(i, [address, *shards]))
+        p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}", args=(cfg, results, sim.log_level))
+        p.start()
+        procs.append(p)
+
+
+class _Network:
+    """The simulated links: proxies for delay/jitter/rate, nftables for loss/down."""
+
+    def __init__(self, sim: SimConfig):
+        self.specs = {i: s for i, s in enumerate(sim.links[: sim.workers]) if s}
+        dropping = {i: s for i, s in self.specs.items() if s.drops}
+        if dropping:
+            netfault.check_available()
+        self.faults = netfault.NetFaults(dropping) if dropping else None
+        self.emulator: linkemu.LinkEmulator | None = None
+        self.summary: dict = {}
+
+    def open(self) -> None:
+        if self.faults:
+            self.faults.open()
+        if any(s.shapes for s in self.specs.values()):
+            self.emulator = linkemu.LinkEmulator()
+
+    def routes(self, worker: int, addresses: list[str]) -> tuple[tuple[str, str], ...]:
+        """Worker's (server address, where to connect instead) pairs: through its proxy, from its source."""
+        spec = self.specs.get(worker)
+        if not spec:
+            return ()
+        source = self.faults.addresses.get(worker) if self.faults else None
+        if spec.shapes:
+            return tuple((a, self.emulator.proxy(worker, a, spec, source)) for a in addresses)
+        # loss/down only: connect straight, from the worker's own address (ZeroMQ's SOURCE;HOST:PORT)
+        return tuple((a, a.replace("tcp://", f"tcp://{source}:0;", 1)) for a in addresses)
+
+    def begin(self) -> None:
+        if self.faults:
+            self.faults.begin()
+
+    def close(self) -> dict:
+        """Remove every rule and proxy (idempotent); what the links did, for the report."""
+        if self.faults:
+            self.faults.close()
+        if self.emulator:
+            self.emulator.close()
+        if self.specs and not self.summary:
+            self.summary = {"specs": {str(i): str(s) for i, s in self.specs.items()},
+                            "proxies": {str(i): v for i, v in (self.emulator.stats() if self.emulator else {}).items()},
+                            **(self.faults.summary() if self.faults else {})}
+        return self.summary
 
 
 def _server_address(ready, server, timeout: float) -> str:
@@ -101,9 +166,13 @@ def _server_address(ready, server, timeout: float) -> str:
     return address
 
 
-def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float) -> float:
-    """Follow the run until every worker process has exited; returns when training began."""
+def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float, on_began=None) -> tuple[float, list[dict]]:
+    """Follow the run until every worker process has exited.
+
+    Returns when training began (every worker seen) and the membership changes seen.
+    """
     progress = _Progress(sim.workers * sim.steps, sim.progress)
+    members = _Members(workers)
     best: dict[int, int] = {}
     began = None
     try:
@@ -114,16 +183,52 @@ def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float) -> float
                 info = admin.status(address, timeout=2.0, ctx=ctx)
             except DeadlineExceeded:
                 continue
+            members.observe(info["workers"], time.monotonic())
             for w in info["workers"]:
                 best[w["id"]] = max(best.get(w["id"], 0), w["clock"])
             if began is None and len(best) >= sim.workers:
                 began = time.monotonic()
+                if on_began is not None:
+                    on_began()
             losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])]
             progress.update(sum(min(c, sim.steps) for c in best.values()), losses)
             time.sleep(0.2)
     finally:
         progress.close()
-    return began or time.monotonic()
+    began = began or time.monotonic()
+    return began, members.resolved(began)
+
+
+class _Members:
+    """Joins, departures and rejoins of the worker processes, as seen by polling status."""
+
+    def __init__(self, workers):
+        self.index = {p.pid: i for i, p in enumerate(workers)}
+        self.live: dict[int, tuple[int, int]] = {}  # worker id -> (incarnation, pid)
+        self.events: list[dict] = []
+
+    def observe(self, rows: list[dict], t: float) -> None:
+        now = {w["id"]: (w["incarnation"], w["pid"]) for w in rows}
+        for wid, (inc, pid) in now.items():
+            if self.live.get(wid, (None,))[0] != inc:
+                self._event(t, wid, inc, pid, "joined" if inc == 0 else "rejoined")
+        for wid, (inc, pid) in self.live.items():
+            if wid not in now:
+                self._event(t, wid, inc, pid, "gone")
+        self.live = now
+
+    def _event(self, t: float, wid: int, inc: int, pid: int, what: str) -> None:
+        # t: monotonic here; the report gives it in seconds after training began
+        self.events.append({"t": t, "id": wid, "worker": self.index.get(pid, -1), "incarnation": inc, "event": what})
+
+    def resolved(self, began: float) -> list[dict]:
+        """Events with "gone" told apart: "dropped" if that id came back later, else "left"."""
+        out = []
+        for n, e in enumerate(self.events):
+            back = e["event"] == "gone" and any(later["id"] == e["id"] for later in self.events[n + 1:])
+            what = ("dropped" if back else "left") if e["event"] == "gone" else e["event"]
+            out.append({**e, "t": round(e["t"] - began, 2), "event": what})
+        return out
 
 
 def _drain(results, count: int) -> list[dict]:
@@ -157,8 +262,12 @@ def _evaluate(ctx, address: str, run: RunConfig, sim: SimConfig, worker_results:
         "seed": run.seed,
         "bytes_pushed": sum(s["bytes_pushed"] for s in shards),
         "bytes_pulled": sum(s["bytes_pulled"] for s in shards),
+        # per worker id, over all shards: raw (float32) and wire bytes pushed and pulled
+        "traffic_by_worker": info.get("traffic", {}),
         "max_staleness_observed": max((s["max_staleness"] for s in shards), default=0),
         "rejected_messages": sum(s["rejected"] for s in shards),
+        # per shard: pushes admitted (a resent duplicate is acknowledged, not counted) and updates applied
+        "shard_pushes": [{"index": s["index"], "pushes": s["pushes"], "updates": s["updates"]} for s in shards],
         "worker_results": sorted(worker_results, key=lambda r: r.get("worker_id", -1)),
     }
 

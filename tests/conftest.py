@@ -18,13 +18,13 @@ import pytest
 import torch
 import zmq
 
-from paramserver import admin, cluster, sharding, tasks
+from paramserver import admin, cluster, protocol, sharding, tasks
 from paramserver.config import Consistency, RunConfig, Timeouts
 from paramserver.errors import DeadlineExceeded
 from paramserver.shard import ShardCore, ShardServer
 from paramserver.sim import worker_main
 from workers import WorkerConfig
-from workers.client import fetch_weights
+from workers.client import ShardClient, fetch_weights
 
 # short enough that membership tests finish quickly, long enough for a loaded 2-core box
 FAST = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request_timeout=10.0, pull_wait=20.0,
@@ -204,6 +204,57 @@ def shard_thread():
         s = ShardThread(run or RunConfig(consistency=Consistency("asp")))
         made.append(s)
         return s
+
+    yield make
+    for s in made:
+        s.close()
+
+
+class ShardSet:
+    """S real ShardServers on loopback, each served from a thread; worker 0 is a member."""
+
+    def __init__(self, run: RunConfig, shards: int):
+        layout, flat = cluster.initial_weights(run)
+        self.plan = sharding.plan(layout.total, shards, run.chunk_elems)
+        self.ctx = zmq.Context()
+        self.servers = []
+        for index, chunks in enumerate(self.plan):
+            core = ShardCore(index, chunks, flat[chunks[0].start : chunks[-1].stop], run)
+            core.set_live({0: (0, 0)})
+            self.servers.append(ShardServer(self.ctx, core, "tcp://127.0.0.1:0", Timeouts()))
+        self.specs = [protocol.ShardSpec(index=i, address=s.address, chunks=[(c.key, c.start, c.stop) for c in chunks])
+                      for i, (s, chunks) in enumerate(zip(self.servers, self.plan))]
+        self.threads = [threading.Thread(target=s.serve, name=f"test-shard-{i}", daemon=True)
+                        for i, s in enumerate(self.servers)]
+        for t in self.threads:
+            t.start()
+        self.clients: list[ShardClient] = []
+
+    def client(self, codec: str = "none", pull_codec: str = "none") -> ShardClient:
+        self.clients.append(ShardClient(self.ctx, self.specs, codec, pull_codec=pull_codec))
+        return self.clients[-1]
+
+    def bytes_per_push(self) -> float:
+        return sum(s.bytes_pushed for s in self.servers) / sum(s.core.pushes for s in self.servers)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
+        for s in self.servers:
+            s.running = False
+        for t in self.threads:
+            t.join(5)
+            assert not t.is_alive(), f"{t.name} did not stop"
+        self.ctx.term()
+
+
+@pytest.fixture
+def shard_set():
+    made: list[ShardSet] = []
+
+    def make(run: RunConfig, shards: int) -> ShardSet:
+        made.append(ShardSet(run, shards))
+        return made[-1]
 
     yield make
     for s in made:

@@ -15,23 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 
 import numpy as np
 import pytest
 import torch
-import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from paramserver import cluster, codecs, protocol, sharding, tasks
+from paramserver import codecs, protocol, sharding, tasks
 from paramserver.codecs.bf16 import BF16_MAX
-from paramserver.config import Consistency, OptimizerConfig, RunConfig, Timeouts
+from paramserver.config import Consistency, OptimizerConfig, RunConfig
 from paramserver.errors import ConfigError, ProtocolError
 from paramserver.protocol import VERSION, ErrorCode
-from paramserver.shard import ShardCore, ShardServer
-from workers.client import ShardClient
+from paramserver.shard import ShardCore
 
 SPECS = ["none", "fp16", "bf16", "topk:0.01", "topk:0.3", "topk:1", "topk:0.05:noef",
          "sign", "sign:noef", "qsgd:2", "qsgd:3", "qsgd:4", "qsgd:8", "tests.test_codecs:Int8Codec"]
@@ -330,57 +327,6 @@ def test_a_user_codec_is_loaded_by_module_and_class():
 
 
 # -- several shards, real servers and client in this process -------------------------------
-
-
-class ShardSet:
-    """S real ShardServers on loopback, each served from a thread; worker 0 is a member."""
-
-    def __init__(self, run: RunConfig, shards: int):
-        layout, flat = cluster.initial_weights(run)
-        self.plan = sharding.plan(layout.total, shards, run.chunk_elems)
-        self.ctx = zmq.Context()
-        self.servers = []
-        for index, chunks in enumerate(self.plan):
-            core = ShardCore(index, chunks, flat[chunks[0].start : chunks[-1].stop], run)
-            core.set_live({0: (0, 0)})
-            self.servers.append(ShardServer(self.ctx, core, "tcp://127.0.0.1:0", Timeouts()))
-        self.specs = [protocol.ShardSpec(index=i, address=s.address, chunks=[(c.key, c.start, c.stop) for c in chunks])
-                      for i, (s, chunks) in enumerate(zip(self.servers, self.plan))]
-        self.threads = [threading.Thread(target=s.serve, name=f"test-shard-{i}", daemon=True)
-                        for i, s in enumerate(self.servers)]
-        for t in self.threads:
-            t.start()
-        self.clients: list[ShardClient] = []
-
-    def client(self, codec: str) -> ShardClient:
-        self.clients.append(ShardClient(self.ctx, self.specs, codec))
-        return self.clients[-1]
-
-    def bytes_per_push(self) -> float:
-        return sum(s.bytes_pushed for s in self.servers) / sum(s.core.pushes for s in self.servers)
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-        for s in self.servers:
-            s.running = False
-        for t in self.threads:
-            t.join(5)
-            assert not t.is_alive(), f"{t.name} did not stop"
-        self.ctx.term()
-
-
-@pytest.fixture
-def shard_set():
-    made: list[ShardSet] = []
-
-    def make(run: RunConfig, shards: int) -> ShardSet:
-        made.append(ShardSet(run, shards))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 # every codec in asp; the stateful and the random ones in bsp and ssp too (one worker: each push closes a round)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from paramserver import log as logsetup
-from paramserver.options import CLIENT_KEYS, WORKER_TIMEOUTS, apply, friendly, opt, timeouts
+from paramserver.config import PULL_CODECS
+from paramserver.options import CLIENT_KEYS, ROUTE, WORKER_TIMEOUTS, apply, friendly, opt, timeouts
 
 from .trainer import WorkerConfig, run_worker
 
@@ -21,17 +22,22 @@ def worker():
 @opt("--max-steps", "WORKER_MAX_STEPS", default=0, type=click.IntRange(min=0), help="stop after this many steps (0: when the server ends the run)")
 @opt("--threads", "THREADS", default=1, type=click.IntRange(min=1), help="torch threads")
 @opt("--codec", "WORKER_CODEC", default="", help="gradient codec for this worker's pushes, e.g. topk:0.01 or sign (empty: the server's default)")
+@opt("--pull-codec", "WORKER_PULL_CODEC", default="", type=click.Choice(["", *PULL_CODECS]),
+     help="how this worker's pulls travel: fp16 or bf16 (whole weights), delta (only what changed), none (empty: the server's default)")
+@opt("--event-log", "WORKER_EVENT_LOG", default="", help="append this worker's events (JSON lines) here")
 @opt("--delay", "WORKER_DELAY", default=0.0, type=float, help="extra seconds per step (simulates a slow device)")
+@ROUTE
 @apply(CLIENT_KEYS)
 @apply(WORKER_TIMEOUTS)
 @opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly
-def join(server, worker_id, max_steps, threads, codec, delay, server_key, curve_secret_key, log_level, **kw):
+def join(server, worker_id, max_steps, threads, codec, pull_codec, event_log, delay, route, server_key, curve_secret_key, log_level, **kw):
     """Join the server at SERVER and train until the run ends."""
     from paramserver.security import client_keys
 
     logsetup.setup(log_level)
     cfg = WorkerConfig(server=server, worker_id=worker_id, max_steps=max_steps, threads=threads,
-                       codec=codec, delay=delay, timeouts=timeouts(kw), keys=client_keys(curve_secret_key, server_key))
+                       codec=codec, pull_codec=pull_codec, event_log=event_log, delay=delay, timeouts=timeouts(kw), keys=client_keys(curve_secret_key, server_key),
+                       routes=route)
     result = run_worker(cfg)
     click.echo(f"worker {result.worker_id} done: {result.steps} steps, last loss {result.loss:.4f} ({result.reason})", err=True)

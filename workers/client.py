@@ -14,6 +14,7 @@ import torch
 import zmq
 
 from paramserver import codecs, protocol
+from paramserver.config import check_pull_codec
 from paramserver.errors import DeadlineExceeded, ProtocolError
 from paramserver.protocol import VERSION
 from paramserver.sharding import Chunk
@@ -29,11 +30,15 @@ class Reply:
 
 
 class ShardClient:
-    def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none", keys=None):
+    def __init__(self, ctx: zmq.Context, shards: list[protocol.ShardSpec], codec: str = "none", keys=None,
+                 pull_codec: str = "none"):
         # first: a bad name must fail before any socket exists (an open one blocks ctx.term)
         self.codec = codecs.get(codec)  # this worker's own instance: it holds its error-feedback residuals
+        self.pull_codec = check_pull_codec(pull_codec)
         self.channels = [Channel(ctx, s.address, f"shard {s.index}", keys) for s in shards]
         self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
+        # delta pulls: per shard, the token of the last answer applied (0: none, send whole)
+        self.tokens = [0] * len(shards)
 
     def __repr__(self) -> str:
         return f"<ShardClient shards={len(self.channels)} codec={self.codec.name}>"
@@ -50,25 +55,45 @@ class ShardClient:
              cancel=None) -> Reply:
         """Copy every shard's weights into `into` (flat float32, shape (total,))."""
         seqs = []
-        for ch in self.channels:
+        codec = "none" if observer else self.pull_codec
+        for ch, have in zip(self.channels, self.tokens):
             seqs.append(ch.next_seq())
-            ch.send(protocol.Pull(v=VERSION, seq=seqs[-1], worker_id=worker, clock=clock, observer=observer))
+            ch.send(protocol.Pull(v=VERSION, seq=seqs[-1], worker_id=worker, clock=clock, observer=observer,
+                                  codec=codec, have=have))
         deadline = time.monotonic() + timeout
         flat = into.numpy()
         replies = []
-        for ch, seq, chunks in zip(self.channels, seqs, self.chunks):
+        for i, (ch, seq) in enumerate(zip(self.channels, seqs)):
             msg = ch.receive(seq, deadline, cancel)
-            _copy_weights(flat, msg, chunks)
+            self._take_weights(i, flat, msg)
             replies.append(msg.header)
         return _combine(replies)
 
+    def _take_weights(self, shard: int, flat, msg: protocol.Decoded) -> None:
+        """A shard's pull_ok into the flat weights; ProtocolError if it is not the shard's keys."""
+        if not isinstance(msg.header, protocol.PullOk):
+            raise ProtocolError(f"expected pull_ok, got {type(msg.header).__name__}")
+        chunks = self.chunks[shard]
+        protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
+        self.tokens[shard] = 0  # a partly written answer leaves no valid base for a delta
+        by_key = {c.key: c for c in chunks}
+        for meta, buf in zip(msg.header.tensors, msg.buffers):
+            c = by_key[meta.key]
+            if meta.codec == codecs.delta.NAME:
+                codecs.delta.apply(flat[c.start : c.stop], meta, buf)
+            else:
+                flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
+        self.tokens[shard] = msg.header.token
+
     def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float,
-             cancel=None, retry_for: float = 0.0, pull_into: torch.Tensor | None = None) -> Reply:
+             cancel=None, retry_for: float = 0.0, pull_into: torch.Tensor | None = None, pull_wait: float = 0.0) -> Reply:
         """Send each shard its slice of `grads` (flat float32, shape (total,)); wait for every ack.
 
         Each attempt waits `timeout`; unanswered pushes are resent for up to `retry_for`.
         With `pull_into`, the same exchange also pulls at clock + 1: each shard answers
-        with its weights once the consistency mode allows, copied into `pull_into`.
+        with its weights, copied into `pull_into`, at once when the consistency mode
+        allows; otherwise it acknowledges the push first and the weights follow, within
+        `pull_wait` (default `timeout`) of the acknowledgement.
         """
         pulling = pull_into is not None
         messages = []
@@ -80,14 +105,17 @@ class ShardClient:
                 metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
                 buffers.append(buf)
             header = protocol.Push(v=VERSION, seq=ch.next_seq(), worker_id=worker, incarnation=incarnation,
-                                   clock=clock, base_version=base_version, tensors=metas, pull=pulling)
+                                   clock=clock, base_version=base_version, tensors=metas, pull=pulling,
+                                   pull_codec=self.pull_codec, have=self.tokens[len(messages)])
             messages.append((header, buffers))
             ch.send(header, buffers)
         replies = []
-        for ch, chunks, (header, buffers) in zip(self.channels, self.chunks, messages):
+        for i, (ch, (header, buffers)) in enumerate(zip(self.channels, messages)):
             msg = self._ack(ch, header, buffers, timeout, retry_for, cancel)
             if pulling:
-                _copy_weights(pull_into.numpy(), msg, chunks)
+                if isinstance(msg.header, protocol.PushOk):  # landed; the weights wait for the consistency rule
+                    msg = ch.receive(header.seq, time.monotonic() + (pull_wait or timeout), cancel)
+                self._take_weights(i, pull_into.numpy(), msg)
             replies.append(msg.header)
         return _combine(replies)
 
@@ -106,23 +134,13 @@ class ShardClient:
                 ch.send(header, buffers)
 
     def reset(self) -> None:
+        self.tokens = [0] * len(self.channels)
         for ch in self.channels:
             ch.reset()
 
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
-
-
-def _copy_weights(flat, msg: protocol.Decoded, chunks: list[Chunk]) -> None:
-    """A shard's pull_ok into the flat weights; ProtocolError if it is not the shard's keys."""
-    if not isinstance(msg.header, protocol.PullOk):
-        raise ProtocolError(f"expected pull_ok, got {type(msg.header).__name__}")
-    protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
-    by_key = {c.key: c for c in chunks}
-    for meta, buf in zip(msg.header.tensors, msg.buffers):
-        c = by_key[meta.key]
-        flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
 
 
 def _combine(headers) -> Reply:

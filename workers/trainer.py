@@ -10,12 +10,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import torch
 import zmq
 
 from paramserver import tasks
 from paramserver.config import RunConfig, Timeouts
 from paramserver.errors import DeadlineExceeded, Interrupted, RemoteError, ServerUnavailable
+from paramserver.events import EventLog
 from paramserver.protocol import ErrorCode
 from paramserver.security import Keys
 from paramserver.sharding import Layout, flatten_
@@ -35,8 +37,14 @@ class WorkerConfig:
     # extra seconds slept per step, to play a slower device in simulations and tests
     delay: float = 0.0
     codec: str = ""  # "" takes the server's default
+    pull_codec: str = ""  # "" takes the server's default
+    event_log: str = ""  # a JSON-lines file for this worker's events (join, rejoin, leave, give up)
     keys: Keys | None = None  # CURVE client keys (security.client_keys); None: plain sockets
     timeouts: Timeouts = field(default_factory=Timeouts)
+    # (address, connect here instead) pairs for the coordinator and shard addresses the
+    # server gives: a link emulator's proxy, or `tcp://SOURCE:0;HOST:PORT` to send from
+    # SOURCE (ps-sim --link); addresses not listed are used as given
+    routes: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -48,19 +56,28 @@ class WorkerResult:
     bytes_sent: int
     bytes_received: int
     reason: str  # why the loop ended: steps | finished
+    train_seconds: float = 0.0  # in the training loop: from the first pull to the last step
 
 
 class Trainer:
     def __init__(self, cfg: WorkerConfig, ctx: zmq.Context):
         self.cfg, self.ctx = cfg, ctx
-        self.session = Session(ctx, cfg.server, cfg.timeouts, cfg.keys)
+        self.session = Session(ctx, route(cfg.server, cfg.routes), cfg.timeouts, cfg.keys)
         self.steps, self.loss = 0, float("nan")
+        self.events = EventLog(cfg.event_log, "worker")
         self.failing_since: float | None = None  # first data-path failure since the last good step
         self.backoff = 0.0
 
     def run(self) -> WorkerResult:
         torch.set_num_threads(self.cfg.threads)
-        joined = self.session.join(self.cfg.worker_id)
+        try:
+            joined = self.session.join(self.cfg.worker_id)
+        except ServerUnavailable as e:
+            self.events.emit("give_up", server=self.cfg.server, error=str(e))
+            self.events.close()
+            raise
+        self.events.emit("join", worker=joined.worker_id, incarnation=joined.incarnation, clock=joined.clock,
+                         server=self.cfg.server)
         # beat from the moment we are a member: building the task can take seconds
         self.session.start_heartbeats()
         run = RunConfig.from_wire(joined.config)
@@ -70,21 +87,29 @@ class Trainer:
             self.session.close()
             raise
         log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
+        started = time.monotonic()
         try:
             reason = self._loop(run)
+            seconds = time.monotonic() - started
             self.session.leave()
+            self.events.emit("leave", worker=self.session.worker_id, steps=self.steps, clock=self.clock, reason=reason)
+        except ServerUnavailable as e:
+            self.events.emit("give_up", worker=self.session.worker_id, steps=self.steps, error=str(e))
+            raise
         finally:
             self.session.close()
             self.client.close()
+            self.events.close()
         return WorkerResult(self.session.worker_id, self.steps, self.clock, self.loss,
-                            self.client.bytes_sent, self.client.bytes_received, reason)
+                            self.client.bytes_sent, self.client.bytes_received, reason, seconds)
 
     def _setup(self, run: RunConfig, joined) -> None:
         self.task = tasks.build(run.task, run.seed)
         self.layout = Layout.of(self.task.model)
         self.params, self.grads = flatten_(self.task.model, self.layout)
         self.codec = self.cfg.codec or run.codec
-        self.client = ShardClient(self.ctx, joined.shards, self.codec, self.cfg.keys)
+        self.pull_codec = self.cfg.pull_codec or run.pull_codec
+        self.client = ShardClient(self.ctx, self._routed(joined.shards), self.codec, self.cfg.keys, self.pull_codec)
         indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
         self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
@@ -115,8 +140,8 @@ class Trainer:
                 base, got = got.version, None
                 # one exchange per step: the push's answer carries the next weights
                 got = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
-                                       self.clock, base, wait, cancel=cancel,
-                                       retry_for=timeouts.reconnect_timeout, pull_into=self.params)
+                                       self.clock, base, timeouts.request_timeout, cancel=cancel,
+                                       retry_for=timeouts.reconnect_timeout, pull_into=self.params, pull_wait=wait)
             except RemoteError as e:
                 self._recover(e)
                 continue
@@ -164,9 +189,13 @@ class Trainer:
         """Rejoin with our id (dropped, or the server restarted) and take its shard map anew."""
         log.warning("worker %d rejoining the coordinator", self.session.worker_id)
         joined = self.session.join(self.session.worker_id)
+        self.events.emit("rejoin", worker=joined.worker_id, incarnation=joined.incarnation, clock=joined.clock)
         self.client.close()
-        self.client = ShardClient(self.ctx, joined.shards, self.codec, self.cfg.keys)
+        self.client = ShardClient(self.ctx, self._routed(joined.shards), self.codec, self.cfg.keys, self.pull_codec)
         self.clock = joined.clock
+
+    def _routed(self, shards):
+        return [msgspec.structs.replace(s, address=route(s.address, self.cfg.routes)) for s in shards]
 
     def _check_server(self, e: DeadlineExceeded) -> None:
         """A request timed out: retry with backoff, up to the reconnect deadline."""
@@ -179,6 +208,11 @@ class Trainer:
         log.warning("worker %d: %s; retrying in %.1fs", self.session.worker_id, e, self.backoff)
         self.client.reset()
         self.session.finish.wait(self.backoff)
+
+
+def route(address: str, routes: tuple[tuple[str, str], ...]) -> str:
+    """Where to connect for `address`: its route if it has one, else itself."""
+    return dict(routes).get(address, address)
 
 
 def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None) -> WorkerResult:

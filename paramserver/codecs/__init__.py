@@ -39,6 +39,7 @@ import re
 
 from ..errors import ConfigError, ProtocolError
 from ..protocol import ErrorCode
+from . import delta
 from .base import Codec, Encoded, ErrorFeedback, bad, expect, param
 from .bf16 import Bf16Codec
 from .fp16 import Fp16Codec
@@ -48,7 +49,7 @@ from .sign import SignCodec
 from .topk import TopKCodec
 
 # a user codec needs only these: subclass Codec, return Encoded, check frames with expect/param/bad
-__all__ = ["CODECS", "HELP", "Codec", "Encoded", "ErrorFeedback", "bad", "expect", "for_wire", "get", "param"]
+__all__ = ["CODECS", "HELP", "Codec", "Encoded", "ErrorFeedback", "bad", "delta", "expect", "for_wire", "get", "param"]
 
 CODECS: dict[str, type[Codec]] = {
     c.name: c for c in (NoneCodec, Fp16Codec, Bf16Codec, TopKCodec, SignCodec, QsgdCodec)
