@@ -12,7 +12,7 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOC = os.path.join(os.path.dirname(HERE), "docs", "benchmarks.md")
 FINDINGS = os.path.join(HERE, "findings.md")
-ORDER = ["transport", "scaling", "training", "stragglers", "apply", "many_workers"]
+ORDER = ["transport", "scaling", "training", "stragglers", "apply", "many_workers", "slowlink"]
 
 
 def num(x) -> str:

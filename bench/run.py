@@ -18,7 +18,7 @@ import traceback
 
 from . import common, report
 
-BENCHMARKS = ["transport", "scaling", "training", "stragglers", "apply", "many_workers"]
+BENCHMARKS = ["transport", "scaling", "training", "stragglers", "apply", "many_workers", "slowlink"]
 log = logging.getLogger("bench")
 
 

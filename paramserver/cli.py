@@ -193,12 +193,16 @@ def sim():
 @opt("--link", "SIM_LINK", multiple=True, callback=_check_links,
      help="emulate a bad network: " + LINK_HELP + ". delay, jitter, rate: a proxy per worker; "
           "loss, down (partitions, seconds after training began): real drops with nftables, root only")
+@opt("--eval-every", "SIM_EVAL_EVERY", default=0.0, type=click.FloatRange(min=0),
+     help="evaluate the server's weights about this often (seconds) while training: the report's curve (0: off)")
+@opt("--target", "SIM_TARGET", default=0.95, type=click.FloatRange(0, 1),
+     help="with --eval-every: the report's time_to_target is when test accuracy first reaches this")
 @apply(RUN_OPTIONS)
 @apply(TIMEOUT_OPTIONS)
 @opt("--log-level", "LOG_LEVEL", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--progress/--no-progress", default=True)
 @friendly
-def sim_run(workers, shards, steps, report, delays, timeout, link, log_level, progress, **kw):
+def sim_run(workers, shards, steps, report, delays, timeout, link, eval_every, target, log_level, progress, **kw):
     """Start a server and WORKERS workers as processes, train, evaluate, write a report."""
     from .sim import SimConfig, simulate
 
@@ -207,10 +211,14 @@ def sim_run(workers, shards, steps, report, delays, timeout, link, log_level, pr
     links = tuple(per_worker(link, workers))
     _check(run)
     cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
-                    timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links)
+                    timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links,
+                    eval_every=eval_every, target=target)
     result = simulate(run, cfg)
     click.echo(f"final test accuracy {result['final_accuracy']:.4f} ({run.consistency}, {workers} workers, "
                f"{shards} shards, {result['train_seconds']:.1f}s training)")
+    if eval_every:
+        reached = result["time_to_target"]
+        click.echo(f"test accuracy {target} " + (f"reached after {reached:.1f}s" if reached is not None else "not reached"))
     click.echo(f"report: {report}/report.json")
 
 

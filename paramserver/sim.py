@@ -40,6 +40,10 @@ class SimConfig:
     links: tuple[LinkSpec, ...] = ()
     progress: bool = True
     log_level: str = "warning"
+    # > 0: evaluate the server's weights about this often while training (the report's
+    # `curve`), and note when test accuracy first reaches `target`
+    eval_every: float = 0.0
+    target: float = 0.95
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -74,7 +78,8 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         procs.append(server)
         address = _server_address(ready, server, sim.timeouts.startup)
         _start_workers(ctx, address, sim, net, results, procs)
-        trained_from, membership = _watch(ctx, address, procs[1:], sim, deadline, on_began=net.begin)
+        curve = _Curve(ctx, address, run, sim)
+        trained_from, membership = _watch(ctx, address, procs[1:], sim, deadline, on_began=net.begin, curve=curve)
         failed = [f"{p.name} (exit code {p.exitcode})" for p in procs[1:] if p.exitcode != 0]
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
@@ -83,6 +88,10 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         report["wall_seconds"] = time.monotonic() - started
         report["train_seconds"] = time.monotonic() - trained_from
         report["membership_events"] = membership
+        if sim.eval_every > 0:
+            curve.point(time.monotonic(), report["final_accuracy"], report["final_loss"], report["updates"])
+            report["curve"], report["target"] = curve.resolved(trained_from), sim.target
+            report["time_to_target"] = next((p["t"] for p in report["curve"] if p["accuracy"] >= sim.target), None)
         report["link"] = net.close()  # the rules go before anything else can fail
         admin.stop(address, ctx=ctx)
         _write(report, sim.report)
@@ -166,7 +175,8 @@ def _server_address(ready, server, timeout: float) -> str:
     return address
 
 
-def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float, on_began=None) -> tuple[float, list[dict]]:
+def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float, on_began=None,
+           curve=None) -> tuple[float, list[dict]]:
     """Follow the run until every worker process has exited.
 
     Returns when training began (every worker seen) and the membership changes seen.
@@ -192,6 +202,8 @@ def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float, on_began
                     on_began()
             losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])]
             progress.update(sum(min(c, sim.steps) for c in best.values()), losses)
+            if curve is not None and began is not None:
+                curve.maybe(info["updates"])
             time.sleep(0.2)
     finally:
         progress.close()
@@ -229,6 +241,38 @@ class _Members:
             what = ("dropped" if back else "left") if e["event"] == "gone" else e["event"]
             out.append({**e, "t": round(e["t"] - began, 2), "event": what})
         return out
+
+
+class _Curve:
+    """Test accuracy of the server's weights over the run (observer pulls, never waited on)."""
+
+    def __init__(self, ctx, address: str, run: RunConfig, sim: SimConfig):
+        self.ctx, self.address, self.every = ctx, address, sim.eval_every
+        self.task = tasks.build(run.task, run.seed) if sim.eval_every > 0 else None
+        self.points: list[dict] = []
+        self._next = 0.0
+
+    def maybe(self, updates: int) -> None:
+        now = time.monotonic()
+        if self.task is None or now < self._next:
+            return
+        from workers.client import fetch_weights
+
+        self._next = now + self.every
+        try:
+            _, flat = fetch_weights(self.ctx, self.address, timeout=5.0)
+        except DeadlineExceeded:
+            return
+        self.task.model.load_state_dict(unflatten(flat, Layout.of(self.task.model)))
+        m = self.task.evaluate()
+        self.point(now, m["accuracy"], m["loss"], updates)
+
+    def point(self, t: float, accuracy: float, loss: float, updates: int) -> None:
+        self.points.append({"t": t, "accuracy": accuracy, "loss": loss, "updates": updates})
+
+    def resolved(self, began: float) -> list[dict]:
+        """Points with `t` in seconds since training began (every worker seen)."""
+        return [{**p, "t": round(p["t"] - began, 3)} for p in self.points]
 
 
 def _drain(results, count: int) -> list[dict]:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMES = ["transport", "scaling", "training", "stragglers", "apply", "many_workers"]
+NAMES = ["transport", "scaling", "training", "stragglers", "apply", "many_workers", "slowlink"]
 
 
 @pytest.mark.slow

@@ -152,3 +152,23 @@ def test_status_once_lists_every_live_worker_and_names_the_straggler(make_cluste
     assert f"straggler: worker {slow}" in table and "steps/s" in table
     for p in procs:
         p.kill()
+
+
+def test_a_simulation_reports_its_accuracy_curve_and_time_to_target(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "from paramserver.cli import sim; sim()", "run", "--workers", "2",
+                          "--shards", "1", "--steps", "150", "--consistency", "asp", "--eval-every", "0.2",
+                          "--target", "0.9", "--report", str(tmp_path), "--no-progress"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(tmp_path / "report.json") as f:
+        report = json.load(f)
+    curve = report["curve"]
+    assert len(curve) >= 3 and 0 <= curve[0]["t"] < 1 and curve[0]["updates"] < curve[-1]["updates"]
+    assert [p["t"] for p in curve] == sorted(p["t"] for p in curve)
+    assert curve[-1]["accuracy"] == report["final_accuracy"] >= 0.9
+    reached = report["time_to_target"]
+    assert reached == next(p["t"] for p in curve if p["accuracy"] >= 0.9)
+    assert f"test accuracy 0.9 reached after {reached:.1f}s" in out.stdout
