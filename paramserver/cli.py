@@ -207,6 +207,8 @@ def sim_run(workers, shards, steps, report, delays, timeout, link, eval_every, t
     from .sim import SimConfig, simulate
 
     logsetup.setup(log_level)
+    if kw["partition"] != "iid" and not kw["partitions"]:
+        kw["partitions"] = workers  # one partition of the data per simulated worker
     t, run = timeouts(kw), run_config(kw)
     links = tuple(per_worker(link, workers))
     _check(run)

@@ -108,6 +108,24 @@ def check_pull_codec(name: str) -> str:
     return name
 
 
+PARTITION_HELP = "iid | dirichlet:ALPHA (label-skewed, smaller is more skewed) | shards:K (about K classes per worker)"
+
+
+def parse_partition(scheme: str) -> tuple[str, float]:
+    """("iid", 0) | ("dirichlet", alpha > 0) | ("shards", K >= 1); ConfigError otherwise."""
+    kind, _, arg = scheme.partition(":")
+    try:
+        if kind == "iid" and not arg:
+            return "iid", 0.0
+        if kind == "dirichlet" and 0 < float(arg) <= 1e6:
+            return "dirichlet", float(arg)
+        if kind == "shards" and int(arg) >= 1:
+            return "shards", int(arg)
+    except ValueError:
+        pass
+    raise ConfigError(f"unknown partition scheme {scheme!r}: use {PARTITION_HELP}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """What the coordinator tells every worker at join, and what shards run with."""
@@ -120,6 +138,8 @@ class RunConfig:
     # 0: every worker samples the whole training set with its own seed;
     # P > 0: worker i trains on partition i mod P only (data stays local)
     partitions: int = 0
+    # how the data is cut into those partitions (PARTITION_HELP)
+    partition: str = "iid"
     # 0 means no limit; a bsp round counts as one update, in asp/ssp each applied push
     max_steps: int = 0
     # bsp: a round closes only with pushes from at least this many workers (bounded
@@ -142,6 +162,8 @@ class RunConfig:
             raise ConfigError("max steps, partitions and min workers must be >= 0")
         parse_aggregate(self.aggregate)
         check_pull_codec(self.pull_codec)
+        if parse_partition(self.partition)[0] != "iid" and not self.partitions:
+            raise ConfigError(f"--partition {self.partition} needs --partitions P > 0 (the number of data partitions)")
         if not self.clip_norm >= 0:
             raise ConfigError("--clip-norm must be >= 0")
         if not 1024 <= self.chunk_elems <= 4 << 20:

@@ -14,6 +14,7 @@ from .config import (
     AGGREGATE_HELP,
     CONSISTENCY_HELP,
     OPTIMIZERS,
+    PARTITION_HELP,
     PULL_CODECS,
     Consistency,
     OptimizerConfig,
@@ -40,6 +41,7 @@ RUN_OPTIONS = [
     opt("--seed", "SEED", default=_RUN.seed, type=int, help="seeds initial weights, data partitions and batch order"),
     opt("--partitions", "PARTITIONS", default=_RUN.partitions, type=click.IntRange(min=0),
         help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
+    opt("--partition", "PARTITION", default=_RUN.partition, help="how the data is cut into the --partitions: " + PARTITION_HELP),
     opt("--min-workers", "MIN_WORKERS", default=_RUN.min_workers, type=click.IntRange(min=0),
         help="bsp: a round waits (bounded) for pushes from at least this many workers"),
     opt("--aggregate", "AGGREGATE", default=_RUN.aggregate, help=AGGREGATE_HELP),
@@ -102,6 +104,7 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
     return RunConfig(
         task=kw.pop("task"), consistency=Consistency.parse(kw.pop("consistency")), optimizer=optimizer,
         batch_size=kw.pop("batch_size"), seed=kw.pop("seed"), partitions=kw.pop("partitions"),
+        partition=kw.pop("partition"),
         max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"),
         pull_codec=kw.pop("pull_codec"),
         aggregate=kw.pop("aggregate"), clip_norm=kw.pop("clip_norm"), chunk_elems=kw.pop("chunk_elems"),

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import parse_partition
 from .errors import ConfigError
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs (n, ...), targets (n,))
@@ -137,12 +138,38 @@ def _pair(data, what: str) -> Pair:
     return x, y
 
 
-def partition(n: int, parts: int, index: int, seed: int) -> np.ndarray:
-    """Indices of partition `index` of `parts` (0 parts: all of them), shuffled by seed."""
-    order = np.random.default_rng(seed).permutation(n)
+def partition(n: int, parts: int, index: int, seed: int, scheme: str = "iid", labels=None) -> np.ndarray:
+    """Indices of partition `index` of `parts` (0 parts: all of them), shuffled by seed.
+
+    scheme (every worker computes the same split from the seed, and takes its part):
+      iid            equal random parts
+      dirichlet:A    label-skewed: each class is spread over the parts in proportions
+                     drawn from Dirichlet(A, ..., A); small A, few classes per part
+      shards:K       sorted by label, cut into parts*K shards, K shards per part
+                     (each part sees about K classes)
+    `labels` (shape (n,)) is needed by the label-skewed schemes.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
     if parts <= 0:
         return order
-    return np.array_split(order, parts)[index % parts]
+    kind, value = parse_partition(scheme)
+    if kind == "iid":
+        return np.array_split(order, parts)[index % parts]
+    labels = np.asarray(labels)[order]
+    if kind == "shards":
+        by_label = order[np.argsort(labels, kind="stable")]
+        shards = np.array_split(by_label, parts * int(value))
+        mine = rng.permutation(len(shards)).reshape(parts, int(value))[index % parts]
+        return np.concatenate([shards[s] for s in sorted(mine)])
+    out = []
+    for c in np.unique(labels):
+        members = order[labels == c]
+        share = rng.dirichlet(np.full(parts, value))
+        cuts = (np.cumsum(share)[:-1] * len(members)).astype(int)
+        out.append(np.split(members, cuts)[index % parts])
+    return np.concatenate(out)
+
 
 
 class Batches:

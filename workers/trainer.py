@@ -110,7 +110,8 @@ class Trainer:
         self.codec = self.cfg.codec or run.codec
         self.pull_codec = self.cfg.pull_codec or run.pull_codec
         self.client = ShardClient(self.ctx, self._routed(joined.shards), self.codec, self.cfg.keys, self.pull_codec)
-        indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed)
+        indices = tasks.partition(len(self.task.train[0]), run.partitions, joined.partition, run.seed,
+                                  run.partition, self.task.train[1])
         self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
         self.clock = joined.clock
