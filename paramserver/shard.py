@@ -53,6 +53,9 @@ class ShardCore:
         self.index, self.chunks, self.run = index, chunks, run
         self.min_workers_wait, self.now = min_workers_wait, clock
         self._short_since = None  # when the open round first had everyone live but too few workers
+        # --min-workers holds rounds back only until one has had that many workers: it is
+        # for the start of a run, not for a run that later shrinks (workers that finished or left)
+        self._filled = False
         self.lo = chunks[0].start if chunks else 0
         self.numel = sum(c.numel for c in chunks)
         self.param = init.detach().clone().float()  # flat, shape (numel,)
@@ -170,8 +173,8 @@ class ShardCore:
         return True
 
     def _short_of_workers(self) -> bool:
-        if len(self.pending) >= self.run.min_workers:
-            self._short_since = None
+        if self._filled or len(self.pending) >= self.run.min_workers:
+            self._filled, self._short_since = True, None
             return False
         now = self.now()
         if self._short_since is None:
@@ -182,7 +185,7 @@ class ShardCore:
             return True
         log.warning("shard %d: round %d closes with %d of %d workers after waiting %.0fs",
                     self.index, self.version, len(self.pending), self.run.min_workers, self.min_workers_wait)
-        self._short_since = None
+        self._short_since, self._filled = None, True
         return False
 
     def tick(self) -> bool:

@@ -317,6 +317,35 @@ def test_decode_push_assembles_the_flat_gradient():
 
 
 
+
+def test_min_workers_holds_back_only_the_start_of_a_run():
+    now = [0.0]
+    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
+                    min_workers=2)
+    core = ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
+    core.set_live({0: (0, 0)})
+    assert push(core, 0, 0, G0).applied is False  # alone at the start: the round waits for a second worker
+    now[0] = 30.0
+    assert not core.tick() and core.version == 0
+    core.set_live(TWO)  # the second worker joins and pushes: the round closes with both
+    assert push(core, 1, 0, G1).applied and core.version == 1
+    core.set_live({0: (0, 0)})  # worker 1 finished and left: the run goes on without waiting for it
+    assert push(core, 0, 1, G0).applied and core.version == 2
+
+
+def test_min_workers_waits_at_most_its_deadline():
+    now = [0.0]
+    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
+                    min_workers=3)
+    core = ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
+    core.set_live({0: (0, 0)})
+    push(core, 0, 0, G0)
+    now[0] = 59.0
+    assert not core.tick()
+    now[0] = 61.0
+    assert core.tick() and core.version == 1  # closed short after the wait
+    assert push(core, 0, 1, G0).applied  # and the next rounds do not wait again
+
 class Tracker:
     """Stands in for a zmq MessageTracker: `done` once the frame has left."""
 
