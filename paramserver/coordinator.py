@@ -26,6 +26,7 @@ from .sharding import Layout
 
 log = logging.getLogger(__name__)
 TRAFFIC_FIELDS = protocol.Traffic.__struct_fields__
+MAX_WORKER_ID = 2**31 - 1  # protocol.Id
 
 
 @dataclass
@@ -54,8 +55,12 @@ class Members:
         self.version = 0  # bumps on every change of the live set
 
     def join(self, requested: int, host: str, pid: int, now: float) -> Member:
-        # a worker asking for its old id gets it back (after a drop, or a server restart)
+        # a worker asking for its old id gets it back (after a drop, or a server restart); a
+        # newcomer gets the next id after those seen, or the lowest free one when a peer has
+        # taken ids up to the top of the wire's range (max + 1 would not fit in a reply)
         worker = requested if requested >= 0 else max(self.incarnations, default=-1) + 1
+        if worker > MAX_WORKER_ID:
+            worker = next(i for i in range(len(self.incarnations) + 1) if i not in self.incarnations)
         incarnation = self.incarnations.get(worker, -1) + 1
         self.incarnations[worker] = incarnation
         partition = worker % self.partitions if self.partitions else worker

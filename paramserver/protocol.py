@@ -335,7 +335,8 @@ def seq_of(frames) -> int:
     except (msgspec.DecodeError, ValueError, RecursionError, IndexError):
         return 0
     seq = raw.get("seq", 0) if isinstance(raw, dict) else 0
-    return seq if isinstance(seq, int) and 0 <= seq < 2**63 else 0
+    # bool is an int to Python, but not to msgspec: `true` would make the reply undecodable
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else 0
 
 
 def check_tensors(metas, expected: dict[int, int]) -> None:

@@ -105,6 +105,8 @@ class Session:
         self.last_ack = time.monotonic()
         if reply.state == "finish":
             self.finish.set()
+        elif hb.incarnation != self.incarnation:
+            pass  # we rejoined while this beat was out: its answer is about the old membership
         elif reply.state == "rejoin" or reply.epoch != self.epoch:
             self.dropped.set()  # dropped, or the server restarted: rejoin and pull again
 
