@@ -143,6 +143,7 @@ def curve(tmp_path):
     return server, worker
 
 
+@pytest.mark.slow  # two clusters and a capture: about 45 s, kept out of the 15-minute suite
 def test_weights_cross_loopback_in_clear_only_without_curve(make_cluster, curve):
     _raw_socket_or_skip()
     server_security, worker_keys = curve

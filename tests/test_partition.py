@@ -54,6 +54,7 @@ def test_a_skewed_scheme_needs_partitions():
         RunConfig(partition="dirichlet:0.3")
 
 
+@pytest.mark.slow  # a 4-worker simulation: about 40 s
 def test_bsp_still_reaches_090_on_dirichlet_03_partitions(tmp_path):
     out = subprocess.run([sys.executable, "-c", "from paramserver.cli import sim; sim()", "run", "--workers", "4",
                           "--shards", "1", "--steps", "300", "--consistency", "bsp", "--partition", "dirichlet:0.3",
