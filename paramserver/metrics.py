@@ -69,20 +69,34 @@ class ShardMetrics(Served):
         self.rejected = Counter("paramserver_rejected_messages", "messages refused, by reason (the error code)",
                                 ["shard", "reason"], registry=r)
         self.version = Gauge("paramserver_shard_version", "updates applied to the shard's weights", ["shard"], registry=r)
+        self._by_worker: dict = {}  # (worker, counter) -> its labelled children
+        self._push_seconds = self.push_seconds.labels(self.shard)
+        self._pull_seconds = self.pull_seconds.labels(self.shard)
+
+    def _children(self, worker: int, count: Counter, volume: Counter) -> tuple:
+        # labels() hashes and locks on every call: each push and pull would pay it three times
+        key = (worker, count)
+        got = self._by_worker.get(key)
+        if got is None:
+            w = str(worker)
+            got = self._by_worker[key] = (count.labels(w, self.shard), volume.labels(w, self.shard, "raw"),
+                                          volume.labels(w, self.shard, "wire"))
+        return got
 
     def pushed(self, worker: int, raw: int, wire: int, seconds: float) -> None:
-        w = str(worker)
-        self.pushes.labels(w, self.shard).inc()
-        self.pushed_bytes.labels(w, self.shard, "raw").inc(raw)
-        self.pushed_bytes.labels(w, self.shard, "wire").inc(wire)
-        self.push_seconds.labels(self.shard).observe(seconds)
+        self._count(self._children(worker, self.pushes, self.pushed_bytes), raw, wire)
+        self._push_seconds.observe(seconds)
 
     def pulled(self, worker: int, raw: int, wire: int, seconds: float) -> None:
-        w = str(worker)
-        self.pulls.labels(w, self.shard).inc()
-        self.pulled_bytes.labels(w, self.shard, "raw").inc(raw)
-        self.pulled_bytes.labels(w, self.shard, "wire").inc(wire)
-        self.pull_seconds.labels(self.shard).observe(seconds)
+        self._count(self._children(worker, self.pulls, self.pulled_bytes), raw, wire)
+        self._pull_seconds.observe(seconds)
+
+    @staticmethod
+    def _count(children: tuple, raw: int, wire: int) -> None:
+        n, raw_bytes, wire_bytes = children
+        n.inc()
+        raw_bytes.inc(raw)
+        wire_bytes.inc(wire)
 
     def applied(self, staleness: int, seconds: float, since_last: float | None, version: int) -> None:
         self.staleness.labels(self.shard).observe(staleness)

@@ -231,7 +231,6 @@ class ShardCore:
     def encoded(self, codec: str, worker: int, have: int) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
         """The current weights for a pull asking for `codec` other than none, in frames of
         their own memory: (metas, buffers, token); token is 0 unless codec is delta."""
-        flat = self.param.numpy()
         if codec != codecs.delta.NAME:
             enc = codecs.for_wire(codec)
             metas, buffers = [], []
@@ -240,6 +239,7 @@ class ShardCore:
                 metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=codec, params=params))
                 buffers.append(buf)
             return metas, buffers, 0
+        flat = self.param.numpy()
         token, sent = self._sent.get(worker, (0, None))
         if sent is None or not have or have != token:
             sent = np.full(self.numel, np.nan, dtype=np.float32)  # matches nothing: every chunk goes whole

@@ -7,9 +7,12 @@ a child process behind fails.
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue as queue_mod
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -259,3 +262,12 @@ def shard_set():
     yield make
     for s in made:
         s.close()
+
+
+def run_sim(report, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:
+    """`ps-sim run ARGS --report REPORT --no-progress` as a process; (the finished process, report.json)."""
+    out = subprocess.run([sys.executable, "-c", "from paramserver.cli import sim; sim()", "run", *args,
+                          "--report", str(report), "--no-progress"], capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with open(f"{report}/report.json") as f:
+        return out, json.load(f)

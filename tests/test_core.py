@@ -318,11 +318,16 @@ def test_decode_push_assembles_the_flat_gradient():
 
 
 
+def bsp_core(min_workers: int, now: list[float]) -> ShardCore:
+    """A bsp core with --min-workers and a 60 s wait, on the clock now[0]."""
+    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
+                    min_workers=min_workers)
+    return ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
+
+
 def test_min_workers_holds_back_only_the_start_of_a_run():
     now = [0.0]
-    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
-                    min_workers=2)
-    core = ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
+    core = bsp_core(2, now)
     core.set_live({0: (0, 0)})
     assert push(core, 0, 0, G0).applied is False  # alone at the start: the round waits for a second worker
     now[0] = 30.0
@@ -335,9 +340,7 @@ def test_min_workers_holds_back_only_the_start_of_a_run():
 
 def test_min_workers_waits_at_most_its_deadline():
     now = [0.0]
-    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
-                    min_workers=3)
-    core = ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
+    core = bsp_core(3, now)
     core.set_live({0: (0, 0)})
     push(core, 0, 0, G0)
     now[0] = 59.0

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from paramserver import admin
 from paramserver.config import CheckpointConfig, Consistency, RunConfig
 
-from .conftest import free_port_block
+from .conftest import free_port_block, run_sim
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -155,16 +155,8 @@ def test_status_once_lists_every_live_worker_and_names_the_straggler(make_cluste
 
 
 def test_a_simulation_reports_its_accuracy_curve_and_time_to_target(tmp_path):
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", "from paramserver.cli import sim; sim()", "run", "--workers", "2",
-                          "--shards", "1", "--steps", "150", "--consistency", "asp", "--eval-every", "0.2",
-                          "--target", "0.9", "--report", str(tmp_path), "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    with open(tmp_path / "report.json") as f:
-        report = json.load(f)
+    out, report = run_sim(tmp_path, "--workers", "2", "--shards", "1", "--steps", "150", "--consistency", "asp",
+                          "--eval-every", "0.2", "--target", "0.9")
     curve = report["curve"]
     assert len(curve) >= 3 and 0 <= curve[0]["t"] < 1 and curve[0]["updates"] < curve[-1]["updates"]
     assert [p["t"] for p in curve] == sorted(p["t"] for p in curve)

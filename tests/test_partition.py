@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from paramserver import tasks
 from paramserver.config import RunConfig
 from paramserver.errors import ConfigError
+
+from .conftest import run_sim
 
 LABELS = np.repeat(np.arange(10), 120)  # 10 classes, 1,200 samples
 PARTS = 4
@@ -56,11 +54,6 @@ def test_a_skewed_scheme_needs_partitions():
 
 @pytest.mark.slow  # a 4-worker simulation: about 40 s
 def test_bsp_still_reaches_090_on_dirichlet_03_partitions(tmp_path):
-    out = subprocess.run([sys.executable, "-c", "from paramserver.cli import sim; sim()", "run", "--workers", "4",
-                          "--shards", "1", "--steps", "300", "--consistency", "bsp", "--partition", "dirichlet:0.3",
-                          "--seed", "1", "--report", str(tmp_path), "--no-progress"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    with open(tmp_path / "report.json") as f:
-        report = json.load(f)
+    _, report = run_sim(tmp_path, "--workers", "4", "--shards", "1", "--steps", "300", "--consistency", "bsp",
+                        "--partition", "dirichlet:0.3", "--seed", "1")
     assert report["final_accuracy"] >= 0.9
