@@ -8,7 +8,7 @@ import click
 
 from . import admin
 from . import log as logsetup
-from .config import CheckpointConfig
+from .config import SIM_EVAL_EVERY, CheckpointConfig
 from .errors import ConfigError
 from .linkemu import LINK_HELP, parse_item, per_worker
 from .options import (
@@ -22,6 +22,7 @@ from .options import (
     run_config,
     timeouts,
 )
+from .progress import Bar
 
 LOG_LEVEL = opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 
@@ -64,9 +65,11 @@ def server():
 @apply(RUN_OPTIONS)
 @apply(SERVER_TIMEOUTS)
 @LOG_LEVEL
+@click.option("--progress/--no-progress", default=None,
+              help="a progress bar of updates, live workers and loss (default: when stderr is a terminal)")
 @friendly
 def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep, resume, advertise, insecure,
-          curve_secret_key, authorized_keys, exit_when_idle, metrics_port, event_log, log_level, **kw):
+          curve_secret_key, authorized_keys, exit_when_idle, metrics_port, event_log, log_level, progress, **kw):
     """Start the coordinator and SHARDS shard processes; run until stopped or --max-steps."""
     import dataclasses
 
@@ -83,11 +86,35 @@ def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep,
                               checkpoints=CheckpointConfig(checkpoint_dir, checkpoint_every, keep), resume=resume,
                               advertise=advertise, security=security, metrics_port=metrics_port, event_log=event_log)
 
+    bar = Bar("updates", max_steps, "{rate}/s  {workers} live workers  loss {loss}", progress)
+
     def ready(address):
         click.echo(f"paramserver ready: workers join with\n  ps-worker join --server {address}", err=True)
+        bar.start()
 
-    final = cluster.serve(spec, on_ready=ready)
+    try:  # the bar starts once the server is ready, under the lines that say so
+        final = cluster.serve(spec, on_ready=ready, on_tick=_Throttled(bar).update if bar.enabled else None)
+    finally:
+        bar.stop()
     click.echo(f"run ended after {final['updates']} updates", err=True)
+
+
+class _Throttled:
+    """Feeds the server's bar from the coordinator's loop, twice a second at most."""
+
+    def __init__(self, bar: Bar):
+        self.bar, self.next = bar, 0.0
+
+    def update(self, coordinator) -> None:
+        import math
+        import time
+
+        if time.monotonic() < self.next:
+            return
+        self.next = time.monotonic() + 0.5
+        losses = [m.loss for m in coordinator.members.live.values() if not math.isnan(m.loss)]
+        self.bar.update(coordinator.updates(), workers=len(coordinator.members.live),
+                        loss=f"{sum(losses) / len(losses):.4f}" if losses else "-")
 
 
 @server.command()
@@ -189,24 +216,43 @@ def sim():
 @opt("--steps", "SIM_STEPS", default=300, type=click.IntRange(min=1), help="steps per worker")
 @opt("--report", "SIM_REPORT", default="runs/sim", help="folder for report.json")
 @opt("--delays", "SIM_DELAYS", default="", help="extra seconds per step for each worker, e.g. 0,0,0,0.02")
+@opt("--speeds", "SIM_SPEEDS", default="",
+     help="relative compute speed of each worker, e.g. 1,1,0.5,0.25: a step takes 1/speed times the worker's "
+          "measured full-speed step (missing: full speed)")
+@opt("--kill", "SIM_KILL", default="", help="WORKER@STEP,...: kill (SIGKILL) the worker when its clock reaches STEP")
+@opt("--rejoin", "SIM_REJOIN", default="",
+     help="WORKER@STEP,...: start a killed worker again, with its old id, when the run reaches STEP "
+          "(the largest live clock)")
+@opt("--churn", "SIM_CHURN", default="",
+     help="leave:RATE,join:RATE: live workers crash at random, RATE per second each; crashed ones come back at RATE")
 @opt("--timeout", "SIM_TIMEOUT", default=900.0, type=float, help="deadline for the whole run")
 @opt("--link", "SIM_LINK", multiple=True, callback=_check_links,
      help="emulate a bad network: " + LINK_HELP + ". delay, jitter, rate: a proxy per worker; "
           "loss, down (partitions, seconds after training began): real drops with nftables, root only")
-@opt("--eval-every", "SIM_EVAL_EVERY", default=0.0, type=click.FloatRange(min=0),
-     help="evaluate the server's weights about this often (seconds) while training: the report's curve (0: off)")
+@opt("--eval-every", "SIM_EVAL_EVERY", default=SIM_EVAL_EVERY, type=click.FloatRange(min=0),
+     help="evaluate the server's weights about this often (seconds) while training: the report's curve "
+          "and accuracy plot (0: off)")
 @opt("--target", "SIM_TARGET", default=0.95, type=click.FloatRange(0, 1),
      help="with --eval-every: the report's time_to_target is when test accuracy first reaches this")
+@click.option("--until-target", is_flag=True, help="with --eval-every: end the run once test accuracy reaches --target")
 @apply(RUN_OPTIONS)
 @apply(TIMEOUT_OPTIONS)
 @opt("--log-level", "LOG_LEVEL", default="warning", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--progress/--no-progress", default=True)
 @friendly
-def sim_run(workers, shards, steps, report, delays, timeout, link, eval_every, target, log_level, progress, **kw):
-    """Start a server and WORKERS workers as processes, train, evaluate, write a report."""
+def sim_run(workers, shards, steps, report, delays, speeds, kill, rejoin, churn, timeout, link, eval_every, target,
+            until_target, log_level, progress, **kw):
+    """Start a server and WORKERS workers as processes, train, evaluate, write a report
+    (report.json, metrics.csv, PNG plots)."""
+    from .scenario import Churn, Scenario, parse_schedule, parse_speeds
     from .sim import SimConfig, simulate
 
     logsetup.setup(log_level)
+    if until_target and not eval_every:
+        raise ConfigError("--until-target needs --eval-every > 0 (the run ends on an evaluation)")
+    scenario = Scenario(speeds=parse_speeds(speeds, workers) if speeds else (),
+                        kills=parse_schedule(kill, "--kill", workers, first=1), rejoins=parse_schedule(rejoin, "--rejoin", workers),
+                        churn=Churn.parse(churn))
     if kw["partition"] != "iid" and not kw["partitions"]:
         kw["partitions"] = workers  # one partition of the data per simulated worker
     t, run = timeouts(kw), run_config(kw)
@@ -214,7 +260,7 @@ def sim_run(workers, shards, steps, report, delays, timeout, link, eval_every, t
     _check(run)
     cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
                     timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links,
-                    eval_every=eval_every, target=target)
+                    eval_every=eval_every, target=target, until_target=until_target, scenario=scenario)
     result = simulate(run, cfg)
     click.echo(f"final test accuracy {result['final_accuracy']:.4f} ({run.consistency}, {workers} workers, "
                f"{shards} shards, {result['train_seconds']:.1f}s training)")

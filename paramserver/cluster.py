@@ -207,8 +207,9 @@ def prepare(spec: ServerSpec) -> tuple[ServerSpec, checkpoint.Checkpoint | None]
     return dataclasses.replace(spec, run=saved, checkpoints=dataclasses.replace(spec.checkpoints, directory=directory)), ckpt
 
 
-def serve(spec: ServerSpec, on_ready=None) -> dict:
-    """Run a whole server (shard processes + the coordinator here) until the run ends."""
+def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
+    """Run a whole server (shard processes + the coordinator here) until the run ends;
+    `on_tick(coordinator)`, if given, runs on every turn of the coordinator's loop."""
     spec, resume = prepare(spec)
     if resume:
         log.info("resuming run %s from %s (step %d)", resume.manifest["run_id"], resume.path, resume.manifest["updates"])
@@ -234,7 +235,13 @@ def serve(spec: ServerSpec, on_ready=None) -> dict:
         if on_ready:
             on_ready(_public(coordinator.address, spec.public_host))
         supervisor = _Supervisor(spec, procs)
-        coordinator.serve(watch=supervisor.watch)
+
+        def watch(c: Coordinator) -> None:
+            supervisor.watch(c)
+            if on_tick is not None:
+                on_tick(c)
+
+        coordinator.serve(watch=watch)
         if supervisor.failed:
             raise PSError(supervisor.failed)
         return coordinator.status()

@@ -108,6 +108,10 @@ def check_pull_codec(name: str) -> str:
     return name
 
 
+# ps-sim: seconds between evaluations of the server's weights during a run; cheap for
+# the built-in tasks, and what the report's accuracy curve and plot are drawn from
+SIM_EVAL_EVERY = 0.5
+
 PARTITION_HELP = "iid | dirichlet:ALPHA (label-skewed, smaller is more skewed) | shards:K (about K classes per worker)"
 
 
@@ -154,6 +158,11 @@ class RunConfig:
     clip_norm: float = 0.0
     # 1M float32 = 4 MB: the frame size the transport is fastest with (DESIGN.md)
     chunk_elems: int = 1 << 20
+    # FedAvg-style: K > 1 makes every push the model delta of K local SGD steps at
+    # local_lr, which the server's optimizer applies as a gradient (sgd at lr 1.0
+    # without momentum is FedAvg proper); 1 pushes the gradient of one batch
+    local_steps: int = 1
+    local_lr: float = 0.1
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -166,6 +175,8 @@ class RunConfig:
             raise ConfigError(f"--partition {self.partition} needs --partitions P > 0 (the number of data partitions)")
         if not self.clip_norm >= 0:
             raise ConfigError("--clip-norm must be >= 0")
+        if self.local_steps < 1 or not self.local_lr > 0:
+            raise ConfigError("--local-steps must be >= 1 and --local-lr > 0")
         if not 1024 <= self.chunk_elems <= 4 << 20:
             raise ConfigError("chunk size must be 1024 to 4194304 elements (16 MB frames at most)")
 

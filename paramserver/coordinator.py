@@ -51,7 +51,9 @@ class Members:
         self.timeout, self.partitions = heartbeat_timeout, partitions
         self.live: dict[int, Member] = {}
         self.incarnations: dict[int, int] = {}  # every id ever seen -> its newest incarnation
-        self.saved_clocks: dict[int, int] = {}  # from a checkpoint: where returning workers resume
+        # where a returning worker resumes when nobody is live (otherwise at the slowest
+        # live clock): its last clock, from a checkpoint or from when it left
+        self.saved_clocks: dict[int, int] = {}
         self.version = 0  # bumps on every change of the live set
 
     def join(self, requested: int, host: str, pid: int, now: float) -> Member:
@@ -65,7 +67,11 @@ class Members:
         self.incarnations[worker] = incarnation
         partition = worker % self.partitions if self.partitions else worker
         # a newcomer starts at the slowest live clock, so ssp never sees it as far behind
-        clock = min((m.clock for m in self.live.values()), default=self.saved_clocks.pop(worker, 0))
+        # (its own record, if an old incarnation is still live, does not count: it may be a
+        # crashed process's last heartbeat); nobody else live: where it was
+        own = self.live[worker].clock if worker in self.live else self.saved_clocks.get(worker, 0)
+        self.saved_clocks.pop(worker, None)
+        clock = min((m.clock for w, m in self.live.items() if w != worker), default=own)
         member = Member(worker, incarnation, partition, host, pid, clock, now, now)
         self.live[worker] = member
         self.version += 1
@@ -84,6 +90,7 @@ class Members:
         if m is None or m.incarnation != incarnation:
             return False
         del self.live[worker]
+        self.saved_clocks[worker] = m.clock  # where it resumes if it returns to an empty run
         self.version += 1
         return True
 
@@ -91,6 +98,7 @@ class Members:
         dead = [m for m in self.live.values() if now - m.last_seen > self.timeout]
         for m in dead:
             del self.live[m.worker_id]
+            self.saved_clocks[m.worker_id] = m.clock
         if dead:
             self.version += 1
         return dead

@@ -52,6 +52,11 @@ RUN_OPTIONS = [
     opt("--pull-codec", "PULL_CODEC", default=_RUN.pull_codec, type=click.Choice(PULL_CODECS),
         help="default for how pulls travel: none | fp16 | bf16 (whole weights) | delta (only the entries that changed since the worker's last pull)"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
+    opt("--local-steps", "LOCAL_STEPS", default=_RUN.local_steps, type=click.IntRange(min=1),
+        help="K > 1: each push is the model delta of K local SGD steps (FedAvg-style; the server's optimizer "
+             "applies it as a gradient: sgd --lr 1 --momentum 0 is FedAvg); 1: push one batch's gradient"),
+    opt("--local-lr", "LOCAL_LR", default=_RUN.local_lr, type=click.FloatRange(min=0, min_open=True),
+        help="learning rate of the workers' local SGD steps (with --local-steps > 1)"),
 ]
 
 SERVER_TIMEOUTS = [
@@ -109,6 +114,7 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
         max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"),
         pull_codec=kw.pop("pull_codec"),
         aggregate=kw.pop("aggregate"), clip_norm=kw.pop("clip_norm"), chunk_elems=kw.pop("chunk_elems"),
+        local_steps=kw.pop("local_steps"), local_lr=kw.pop("local_lr"),
     )
 
 

@@ -214,6 +214,8 @@ class PullOk(Header, tag="pull_ok"):
     tensors: Annotated[list[TensorMeta], Meta(max_length=MAX_TENSORS)]
     finished: bool = False
     token: Count = 0  # delta: send it back as `have`; 0 when not a delta answer
+    # in the answer to a push that asked for weights: that push's staleness (as in push_ok)
+    staleness: Count = 0
 
 
 class Push(Header, tag="push"):
@@ -233,6 +235,9 @@ class PushOk(Header, tag="push_ok"):
     version: Count
     applied: bool  # False: queued for the bsp round, applied when it closes
     finished: bool = False
+    # weights versions applied between the push's base_version and its own update
+    # (0 in bsp, and for a queued or duplicate push)
+    staleness: Count = 0
 
 
 class Error(Header, tag="error"):

@@ -35,6 +35,7 @@ class Outcome:
     version: int
     applied: bool
     finished: bool
+    staleness: int = 0  # of the applied push: versions between its base and its update
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -154,8 +155,8 @@ class ShardCore:
             applied = self._maybe_close_round()
             return Outcome(self.version, applied, self.finished)
         assert verdict == APPLY
-        self._apply(grads, header.base_version)
-        return Outcome(self.version, True, self.finished)
+        staleness = self._apply(grads, header.base_version)
+        return Outcome(self.version, True, self.finished, staleness)
 
     def _is_duplicate(self, worker: int, incarnation: int, seq: int) -> bool:
         last = self.high_water.get(worker)
@@ -192,7 +193,7 @@ class ShardCore:
         """Time-driven work (a --min-workers wait running out); True if a round closed."""
         return bool(self.pending) and self._maybe_close_round()
 
-    def _apply(self, grads: list[torch.Tensor], base_version: int) -> None:
+    def _apply(self, grads: list[torch.Tensor], base_version: int) -> int:
         staleness = self.version - base_version
         self.max_staleness = max(self.max_staleness, staleness)
         self._make_writable()
@@ -206,6 +207,7 @@ class ShardCore:
         self.updates += 1
         if self.on_apply is not None:
             self.on_apply(staleness, time.perf_counter() - started)
+        return staleness
 
     def pull_ready(self, header: protocol.Pull) -> bool:
         if header.observer or self.finished:
@@ -413,26 +415,28 @@ class ShardServer:
             self._serve_deferred()
             pull = protocol.Pull(v=VERSION, seq=h.seq, worker_id=h.worker_id, clock=h.clock + 1,
                                  codec=h.pull_codec, have=h.have)
-            if self._answer_pull(identity, pull, arrived):
+            if self._answer_pull(identity, pull, arrived, out.staleness):
                 return
             # the weights wait for the consistency rule: acknowledge the push now, so that
             # the worker knows it landed and does not resend it while it waits
-        self.reply(identity, protocol.encode(protocol.PushOk(v=VERSION, seq=h.seq, version=out.version, applied=out.applied, finished=out.finished)))
+        self.reply(identity, protocol.encode(protocol.PushOk(v=VERSION, seq=h.seq, version=out.version, applied=out.applied, finished=out.finished, staleness=out.staleness)))
         self._serve_deferred()
 
     def on_pull(self, identity: bytes, msg: protocol.Decoded) -> None:
         self._answer_pull(identity, msg.header, time.monotonic())
 
-    def _answer_pull(self, identity: bytes, h: protocol.Pull, arrived: float) -> bool:
-        """Send the weights now (True) or park the pull until the consistency rule allows (False)."""
+    def _answer_pull(self, identity: bytes, h: protocol.Pull, arrived: float, staleness: int = 0) -> bool:
+        """Send the weights now (True) or park the pull until the consistency rule allows (False).
+
+        `staleness`: of the push this pull rides on, told to the worker with its weights."""
         self.core.pulls += 1
         if self.core.pull_ready(h):
-            self._send_weights(identity, h, arrived)
+            self._send_weights(identity, h, arrived, staleness)
             return True
         self.deferred.append((identity, h, arrived + self.timeouts.pull_wait, arrived))
         return False
 
-    def _send_weights(self, identity: bytes, h: protocol.Pull, arrived: float) -> None:
+    def _send_weights(self, identity: bytes, h: protocol.Pull, arrived: float, staleness: int = 0) -> None:
         trackers, token = [], 0
         if h.codec == "none":
             metas, buffers = self.core.snapshot()
@@ -440,7 +444,7 @@ class ShardServer:
             metas, buffers, token = self.core.encoded(h.codec, h.worker_id, h.have)
             trackers = None  # frames of their own: nothing to pin
         header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas,
-                                 finished=self.core.finished, token=token)
+                                 finished=self.core.finished, token=token, staleness=staleness)
         sent = self.reply(identity, protocol.encode(header, buffers), trackers)
         if trackers:
             self.core.pin(trackers)

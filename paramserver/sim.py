@@ -5,22 +5,25 @@ loopback, run to the end, evaluated, and written up as a report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
 import queue as queue_mod
+import random
+import signal
 import time
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from . import admin, cluster, linkemu, netfault, tasks
+from . import admin, cluster, linkemu, netfault, simreport, tasks
 from . import log as logsetup
-from .config import RunConfig, Timeouts
+from .config import SIM_EVAL_EVERY, RunConfig, Timeouts
 from .errors import DeadlineExceeded, PSError
 from .linkemu import LinkSpec
+from .progress import Bar
+from .scenario import Director, Fleet, Scenario, with_speed
 from .sharding import Layout, unflatten
 
 log = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 class SimConfig:
     workers: int = 4
     shards: int = 2
-    steps: int = 300  # per worker
+    steps: int = 300  # per worker; a worker started again trains until its clock reaches this
     report: str = "runs/sim"
     host: str = "127.0.0.1"
     # per-worker extra seconds per step (a slow device); missing entries are 0
@@ -41,19 +44,27 @@ class SimConfig:
     progress: bool = True
     log_level: str = "warning"
     # > 0: evaluate the server's weights about this often while training (the report's
-    # `curve`), and note when test accuracy first reaches `target`
-    eval_every: float = 0.0
+    # `curve` and accuracy plot), and note when test accuracy first reaches `target`
+    eval_every: float = SIM_EVAL_EVERY
     target: float = 0.95
+    until_target: bool = False  # end the run as soon as an evaluation reaches `target`
+    # relative speeds, kills, returns and churn of the workers (scenario.py)
+    scenario: Scenario = field(default_factory=Scenario)
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-def worker_main(cfg, results, log_level="warning"):
-    """Entry point of a spawned worker process."""
+def worker_main(cfg, results, log_level="warning", kill_at: int = 0):
+    """Entry point of a spawned worker process; with `kill_at`, it kills itself
+    (SIGKILL, no goodbye: a crash) once its clock reaches that step."""
     from workers import run_worker
+
+    def crash(trainer):
+        if trainer.clock >= kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     logsetup.setup(log_level)
     try:
-        results.put(dataclasses.asdict(run_worker(cfg)))
+        results.put(dataclasses.asdict(run_worker(cfg, on_step=crash if kill_at else None)))
     except PSError as e:
         results.put({"error": str(e), "worker_id": cfg.worker_id})
         raise
@@ -70,53 +81,82 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
     ready, results = cluster.SPAWN.Queue(), cluster.SPAWN.Queue()
     spec = cluster.ServerSpec(run=run, host=sim.host, shards=sim.shards, timeouts=sim.timeouts, log_level=sim.log_level)
     server = cluster.SPAWN.Process(target=cluster.server_main, name="ps-server", args=(spec, ready))
-    procs = []
+    fleet = None
     ctx = zmq.Context()
     try:
         net.open()
         server.start()
-        procs.append(server)
         address = _server_address(ready, server, sim.timeouts.startup)
-        _start_workers(ctx, address, sim, net, results, procs)
+        director = Director(sim.scenario, sim.workers, sim.steps, random.Random(run.seed))
+        fleet = _fleet(ctx, address, sim, net, results, director)
         curve = _Curve(ctx, address, run, sim)
-        trained_from, membership = _watch(ctx, address, procs[1:], sim, deadline, on_began=net.begin, curve=curve)
-        failed = [f"{p.name} (exit code {p.exitcode})" for p in procs[1:] if p.exitcode != 0]
+        watched = _watch(ctx, address, fleet, director, sim, deadline, on_began=net.begin, curve=curve)
+        failed = fleet.failed()
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
-        worker_results = _drain(results, sim.workers)
-        report = _evaluate(ctx, address, run, sim, worker_results)
+        worker_results = _drain(results, sum(p.exitcode == 0 for p in fleet.all()))
+        report = _evaluate(watched.final or _fetch(ctx, address), run, sim, worker_results)
         report["wall_seconds"] = time.monotonic() - started
-        report["train_seconds"] = time.monotonic() - trained_from
-        report["membership_events"] = membership
-        if sim.eval_every > 0:
-            curve.point(time.monotonic(), report["final_accuracy"], report["final_loss"], report["updates"])
-            report["curve"], report["target"] = curve.resolved(trained_from), sim.target
-            report["time_to_target"] = next((p["t"] for p in report["curve"] if p["accuracy"] >= sim.target), None)
+        _what_happened(report, sim, watched, fleet, curve)
         report["link"] = net.close()  # the rules go before anything else can fail
-        admin.stop(address, ctx=ctx)
-        _write(report, sim.report)
+        if watched.final is None:
+            admin.stop(address, ctx=ctx)
+        rows = simreport.merge_step_logs(sim.report, watched.began_wall)
+        report["worker_summary"] = simreport.worker_summary(rows)
+        simreport.write(report, rows, sim.report)
         return report
     finally:
         try:
             net.close()
         finally:
-            cluster.stop_processes(procs, sim.timeouts.shutdown_grace + 5)
+            cluster.stop_processes([server, *(fleet.all() if fleet else [])], sim.timeouts.shutdown_grace + 5)
             ctx.term()
 
 
-def _start_workers(ctx, address: str, sim: SimConfig, net: _Network, results, procs: list) -> None:
-    """Spawn the worker processes (appended to procs), each routed over its own link."""
+def _fleet(ctx, address: str, sim: SimConfig, net: _Network, results, director: Director) -> Fleet:
+    """Spawn the worker processes, each as id i and routed over its own link."""
+    import shutil
+
     from workers import WorkerConfig
 
     # the shard addresses the coordinator will hand out at join, so that links can proxy them too
     shards = [s["address"] for s in admin.status(address, timeout=10.0, ctx=ctx)["shard_map"]] if net.specs else []
-    for i in range(sim.workers):
+    logs = os.path.dirname(simreport.step_log_path(sim.report, 0, 0))
+    shutil.rmtree(logs, ignore_errors=True)  # a report folder used again: only this run's steps
+    os.makedirs(logs)
+
+    def spawn(i: int, n: int, kill_at: int):
         delay = sim.delays[i] if i < len(sim.delays) else 0.0
-        cfg = WorkerConfig(server=address, max_steps=sim.steps, delay=delay, timeouts=sim.timeouts,
-                           routes=net.routes(i, [address, *shards]))
-        p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}", args=(cfg, results, sim.log_level))
+        # the first process trains --steps steps; one started again trains until its clock reaches them
+        budget = {"max_steps": sim.steps} if n == 0 else {"max_clock": sim.steps}
+        cfg = WorkerConfig(server=address, worker_id=i, delay=delay, timeouts=sim.timeouts,
+                           routes=net.routes(i, [address, *shards]),
+                           metrics_csv=simreport.step_log_path(sim.report, i, n), **budget)
+        p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}" + (f".{n}" if n else ""),
+                                  args=(with_speed(cfg, sim.scenario.speeds, i), results, sim.log_level, kill_at))
         p.start()
-        procs.append(p)
+        return p
+
+    fleet = Fleet(spawn, director)
+    for i in range(sim.workers):
+        fleet.start(i, time.monotonic())
+    return fleet
+
+
+def _what_happened(report: dict, sim: SimConfig, watched: _Watched, fleet: Fleet, curve: _Curve) -> None:
+    """The run's timeline into the report: training time, the scenario and its events,
+    the accuracy curve; every `t` in seconds since training began."""
+    s = sim.scenario
+    report["train_seconds"] = time.monotonic() - watched.began
+    report["membership_events"] = watched.membership
+    report["scenario"] = {"speeds": list(s.speeds), "delays": list(sim.delays),
+                          "kills": [f"{w}@{t}" for w, t in s.kills], "rejoins": [f"{w}@{t}" for w, t in s.rejoins],
+                          "churn": dataclasses.asdict(s.churn)}
+    report["worker_events"] = [{**e, "t": round(e["t"] - watched.began, 3)} for e in fleet.events]
+    if sim.eval_every > 0:
+        curve.point(time.monotonic(), report["final_accuracy"], report["final_loss"], report["updates"])
+        report["curve"], report["target"] = curve.resolved(watched.began), sim.target
+        report["time_to_target"] = next((p["t"] for p in report["curve"] if p["accuracy"] >= sim.target), None)
 
 
 class _Network:
@@ -175,47 +215,81 @@ def _server_address(ready, server, timeout: float) -> str:
     return address
 
 
-def _watch(ctx, address: str, workers, sim: SimConfig, deadline: float, on_began=None,
-           curve=None) -> tuple[float, list[dict]]:
-    """Follow the run until every worker process has exited.
+@dataclass(frozen=True)
+class _Watched:
+    began: float  # monotonic: when every worker had been seen
+    began_wall: float  # the same moment in Unix time (the workers' step logs use it)
+    membership: list[dict]
+    final: tuple | None = None  # until_target: (status, weights) when the target was reached
 
-    Returns when training began (every worker seen) and the membership changes seen.
-    """
-    progress = _Progress(sim.workers * sim.steps, sim.progress)
-    members = _Members(workers)
-    best: dict[int, int] = {}
-    began = None
-    try:
-        while any(p.is_alive() for p in workers):
+
+def _watch(ctx, address: str, fleet: Fleet, director: Director, sim: SimConfig, deadline: float,
+           on_began=None, curve=None) -> _Watched:
+    """Follow the run, killing and restarting workers as the scenario says, until no
+    worker process runs and none is due back."""
+    watch = _Watch(ctx, address, fleet, sim, on_began, curve)
+    poll = 0.1 if sim.scenario.active else 0.2
+    with Bar("training", sim.workers * sim.steps, "{rate} steps/s  loss {loss}  test accuracy {accuracy}",
+             sim.progress) as bar:
+        while fleet.alive() if watch.final is not None else fleet.busy():
             if time.monotonic() > deadline:
                 raise DeadlineExceeded(f"simulation did not finish within {sim.timeout}s")
             try:
                 info = admin.status(address, timeout=2.0, ctx=ctx)
             except DeadlineExceeded:
                 continue
-            members.observe(info["workers"], time.monotonic())
-            for w in info["workers"]:
-                best[w["id"]] = max(best.get(w["id"], 0), w["clock"])
-            if began is None and len(best) >= sim.workers:
-                began = time.monotonic()
-                if on_began is not None:
-                    on_began()
-            losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])]
-            progress.update(sum(min(c, sim.steps) for c in best.values()), losses)
-            if curve is not None and began is not None:
-                curve.maybe(info["updates"])
-            time.sleep(0.2)
-    finally:
-        progress.close()
-    began = began or time.monotonic()
-    return began, members.resolved(began)
+            watch.look(info, time.monotonic())
+            watch.show(bar, info)
+            time.sleep(poll)
+    return watch.result()
+
+
+class _Watch:
+    """What the watch loop has seen, and what it does on each look at the status."""
+
+    def __init__(self, ctx, address: str, fleet: Fleet, sim: SimConfig, on_began, curve):
+        self.ctx, self.address, self.fleet, self.sim = ctx, address, fleet, sim
+        self.on_began, self.curve = on_began, curve
+        self.members = _Members()
+        self.best: dict[int, int] = {}  # worker -> the largest clock seen
+        self.began = self.began_wall = self.final = None
+        self.last = time.monotonic()
+
+    def look(self, info: dict, now: float) -> None:
+        self.members.observe(info["workers"], now)
+        clocks = {w["id"]: w["clock"] for w in info["workers"]}
+        for w, c in clocks.items():
+            self.best[w] = max(self.best.get(w, 0), c)
+        if self.began is None and len(self.best) >= self.sim.workers:
+            self.began, self.began_wall = now, time.time()
+            if self.on_began is not None:
+                self.on_began()
+        if self.final is None:  # churn begins with training: before, no time passes for it
+            self.fleet.step(now - self.last if self.began is not None else 0.0, now, clocks)
+            if self.began is not None and self.curve.maybe(info["updates"]) and self.sim.until_target:
+                # the weights that reached the target are the result; the workers
+                # finish at their next heartbeat
+                self.final = (info, self.curve.weights)
+                admin.stop(self.address, ctx=self.ctx)
+        self.last = now
+
+    def show(self, bar: Bar, info: dict) -> None:
+        losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])]
+        accuracy = self.curve.latest
+        bar.update(sum(min(c, self.sim.steps) for c in self.best.values()),
+                   loss=f"{sum(losses) / len(losses):.3f}" if losses else "-",
+                   accuracy=f"{accuracy:.3f}" if accuracy is not None else "-")
+
+    def result(self) -> _Watched:
+        if self.began is None:
+            self.began, self.began_wall = time.monotonic(), time.time()
+        return _Watched(self.began, self.began_wall, self.members.resolved(self.began), self.final)
 
 
 class _Members:
-    """Joins, departures and rejoins of the worker processes, as seen by polling status."""
+    """Joins, departures and rejoins of the workers (simulated worker i is id i), as seen by polling status."""
 
-    def __init__(self, workers):
-        self.index = {p.pid: i for i, p in enumerate(workers)}
+    def __init__(self):
         self.live: dict[int, tuple[int, int]] = {}  # worker id -> (incarnation, pid)
         self.events: list[dict] = []
 
@@ -231,7 +305,7 @@ class _Members:
 
     def _event(self, t: float, wid: int, inc: int, pid: int, what: str) -> None:
         # t: monotonic here; the report gives it in seconds after training began
-        self.events.append({"t": t, "id": wid, "worker": self.index.get(pid, -1), "incarnation": inc, "event": what})
+        self.events.append({"t": t, "id": wid, "worker": wid, "pid": pid, "incarnation": inc, "event": what})
 
     def resolved(self, began: float) -> list[dict]:
         """Events with "gone" told apart: "dropped" if that id came back later, else "left"."""
@@ -247,25 +321,33 @@ class _Curve:
     """Test accuracy of the server's weights over the run (observer pulls, never waited on)."""
 
     def __init__(self, ctx, address: str, run: RunConfig, sim: SimConfig):
-        self.ctx, self.address, self.every = ctx, address, sim.eval_every
+        self.ctx, self.address, self.every, self.target = ctx, address, sim.eval_every, sim.target
         self.task = tasks.build(run.task, run.seed) if sim.eval_every > 0 else None
         self.points: list[dict] = []
+        self.weights: torch.Tensor | None = None  # those of the latest point
         self._next = 0.0
 
-    def maybe(self, updates: int) -> None:
+    def maybe(self, updates: int) -> bool:
+        """Evaluate if one is due; True once test accuracy has reached the target."""
         now = time.monotonic()
         if self.task is None or now < self._next:
-            return
+            return False
         from workers.client import fetch_weights
 
         self._next = now + self.every
         try:
             _, flat = fetch_weights(self.ctx, self.address, timeout=5.0)
         except DeadlineExceeded:
-            return
+            return False
         self.task.model.load_state_dict(unflatten(flat, Layout.of(self.task.model)))
         m = self.task.evaluate()
         self.point(now, m["accuracy"], m["loss"], updates)
+        self.weights = flat
+        return m["accuracy"] >= self.target
+
+    @property
+    def latest(self) -> float | None:
+        return self.points[-1]["accuracy"] if self.points else None
 
     def point(self, t: float, accuracy: float, loss: float, updates: int) -> None:
         self.points.append({"t": t, "accuracy": accuracy, "loss": loss, "updates": updates})
@@ -285,10 +367,14 @@ def _drain(results, count: int) -> list[dict]:
     return out
 
 
-def _evaluate(ctx, address: str, run: RunConfig, sim: SimConfig, worker_results: list[dict]) -> dict:
+def _fetch(ctx, address: str) -> tuple[dict, torch.Tensor]:
     from workers.client import fetch_weights
 
-    info, flat = fetch_weights(ctx, address)
+    return fetch_weights(ctx, address)
+
+
+def _evaluate(fetched: tuple[dict, torch.Tensor], run: RunConfig, sim: SimConfig, worker_results: list[dict]) -> dict:
+    info, flat = fetched
     metrics = evaluate_flat(run, flat)
     shards = info["shards"]
     return {
@@ -299,6 +385,9 @@ def _evaluate(ctx, address: str, run: RunConfig, sim: SimConfig, worker_results:
         "workers": sim.workers,
         "shards": sim.shards,
         "consistency": str(run.consistency),
+        "codec": run.codec,
+        "pull_codec": run.pull_codec,
+        "local_steps": run.local_steps,
         "task": run.task,
         "optimizer": run.optimizer.name,
         "lr": run.optimizer.lr,
@@ -321,42 +410,3 @@ def evaluate_flat(run: RunConfig, flat: torch.Tensor) -> dict:
     task = tasks.build(run.task, run.seed)
     task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
     return task.evaluate()
-
-
-def _write(report: dict, folder: str) -> None:
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=float)
-
-
-class _Progress:
-    """A rich progress bar on a terminal; silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.bar = None
-        if enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
-
-            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]} steps/s  loss {task.fields[loss]}"), TimeElapsedColumn())
-            self.task = self.bar.add_task("train", total=total, rate="-", loss="-")
-            self.bar.start()
-            self.t0, self.total = time.monotonic(), total
-
-    def update(self, done: int, losses: list[float]) -> None:
-        if self.bar is None:
-            return
-        loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
-        rate = f"{done / max(1e-9, time.monotonic() - self.t0):.0f}"
-        self.bar.update(self.task, completed=done, rate=rate, loss=loss)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=self.total)
-            self.bar.stop()

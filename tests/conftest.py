@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue as queue_mod
 import random
 import socket
@@ -262,6 +263,41 @@ def shard_set():
     yield make
     for s in made:
         s.close()
+
+
+BIN = os.path.dirname(sys.executable)
+
+
+class Procs:
+    """Command-line processes a test starts (`ps-server`, `ps-worker`, ...), ended by pid."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, *args, env=None) -> subprocess.Popen:
+        p = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, **(env or {})})
+        self.procs.append(p)
+        return p
+
+    def kill_all(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate(timeout=10)
+
+
+@pytest.fixture
+def procs():
+    p = Procs()
+    yield p
+    p.kill_all()
+
+
+def cli(*args, timeout=60, env=None) -> subprocess.CompletedProcess:
+    """Run one of the project's commands to the end; its output captured."""
+    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def run_sim(report, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:

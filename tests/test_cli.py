@@ -1,45 +1,12 @@
 """The three CLIs as a user runs them: real subprocesses on loopback, each ended by pid."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
+from .conftest import cli as run
 from .conftest import free_port_block
-
-BIN = os.path.dirname(sys.executable)
-
-
-class Procs:
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, *args, env=None) -> subprocess.Popen:
-        p = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, **(env or {})})
-        self.procs.append(p)
-        return p
-
-    def kill_all(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate(timeout=10)
-
-
-@pytest.fixture
-def procs():
-    p = Procs()
-    yield p
-    p.kill_all()
-
-
-def run(*args, timeout=60, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def test_server_and_workers_end_by_themselves_after_max_steps(procs):

@@ -371,7 +371,8 @@ def test_asp_push_is_one_torch_optim_step(shard_thread, cfg):
     steps = []
     for seq in (10, 11):
         reply = ask(sock, valid_push(s.chunks, seq=seq, seed=seq))
-        assert reply.header == P.PushOk(v=VERSION, seq=seq, version=len(steps) + 1, applied=True)
+        # both pushes name base version 0: the second is applied one version later
+        assert reply.header == P.PushOk(v=VERSION, seq=seq, version=len(steps) + 1, applied=True, staleness=len(steps))
         steps.append(torch.from_numpy(np.concatenate(_grads(s.chunks, seed=seq))))
     assert not torch.equal(s.core.param.detach(), init)
     _assert_ulp_close(s.core.param.detach(), oracle(init, cfg, steps))

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class Reply:
     version: int  # the lowest weights version among the shards' answers
     finished: bool  # some shard says the run is over
+    staleness: int = 0  # a push's: the largest over the shards
 
 
 class ShardClient:
@@ -109,15 +110,16 @@ class ShardClient:
                                    pull_codec=self.pull_codec, have=self.tokens[len(messages)])
             messages.append((header, buffers))
             ch.send(header, buffers)
-        replies = []
+        replies, staleness = [], 0
         for i, (ch, (header, buffers)) in enumerate(zip(self.channels, messages)):
             msg = self._ack(ch, header, buffers, timeout, retry_for, cancel)
+            staleness = max(staleness, getattr(msg.header, "staleness", 0))
             if pulling:
                 if isinstance(msg.header, protocol.PushOk):  # landed; the weights wait for the consistency rule
                     msg = ch.receive(header.seq, time.monotonic() + (pull_wait or timeout), cancel)
                 self._take_weights(i, pull_into.numpy(), msg)
             replies.append(msg.header)
-        return _combine(replies)
+        return _combine(replies, staleness)
 
     def _ack(self, ch: Channel, header, buffers, timeout: float, retry_for: float, cancel):
         """Wait for one shard's ack; on a timeout resend the SAME message (same sequence
@@ -143,8 +145,8 @@ class ShardClient:
             ch.close()
 
 
-def _combine(headers) -> Reply:
-    return Reply(min(h.version for h in headers), any(h.finished for h in headers))
+def _combine(headers, staleness: int = 0) -> Reply:
+    return Reply(min(h.version for h in headers), any(h.finished for h in headers), staleness)
 
 
 def fetch_weights(ctx: zmq.Context, server: str, timeout: float = 10.0, keys=None) -> tuple[dict, torch.Tensor]:

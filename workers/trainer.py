@@ -16,7 +16,13 @@ import zmq
 
 from paramserver import tasks
 from paramserver.config import RunConfig, Timeouts
-from paramserver.errors import DeadlineExceeded, Interrupted, RemoteError, ServerUnavailable
+from paramserver.errors import (
+    ConfigError,
+    DeadlineExceeded,
+    Interrupted,
+    RemoteError,
+    ServerUnavailable,
+)
 from paramserver.events import EventLog
 from paramserver.protocol import ErrorCode
 from paramserver.security import Keys
@@ -24,6 +30,7 @@ from paramserver.sharding import Layout, flatten_
 
 from .client import ShardClient
 from .session import Session
+from .steps import Pace, StepLog, local_update
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,15 @@ class WorkerConfig:
     threads: int = 1  # torch threads; workers and shards share the cores
     # extra seconds slept per step, to play a slower device in simulations and tests
     delay: float = 0.0
+    # relative compute speed in (0, 1]: each step sleeps so that it takes 1/speed times
+    # the worker's measured full-speed step (steps.Pace)
+    speed: float = 1.0
+    # stop once the clock reaches this (0: no limit); a rejoining simulated worker
+    # trains to the same clock as the others
+    max_clock: int = 0
+    local_steps: int = 0  # > 0: this worker's K for FedAvg-style local steps (0: the server's)
+    local_lr: float = 0.0  # > 0: this worker's local SGD learning rate (0: the server's)
+    metrics_csv: str = ""  # a CSV file for one row per step (steps.StepLog.FIELDS)
     codec: str = ""  # "" takes the server's default
     pull_codec: str = ""  # "" takes the server's default
     event_log: str = ""  # a JSON-lines file for this worker's events (join, rejoin, leave, give up)
@@ -55,18 +71,24 @@ class WorkerResult:
     loss: float
     bytes_sent: int
     bytes_received: int
-    reason: str  # why the loop ended: steps | finished
+    reason: str  # why the loop ended: steps | clock | finished
     train_seconds: float = 0.0  # in the training loop: from the first pull to the last step
 
 
 class Trainer:
-    def __init__(self, cfg: WorkerConfig, ctx: zmq.Context):
+    def __init__(self, cfg: WorkerConfig, ctx: zmq.Context, on_step=None):
         self.cfg, self.ctx = cfg, ctx
+        if cfg.local_steps < 0 or cfg.local_lr < 0 or cfg.max_clock < 0:
+            raise ConfigError("local steps, local lr and max clock must be >= 0")
+        self.pace = Pace(cfg.speed)  # first: it refuses a speed out of range
         self.session = Session(ctx, route(cfg.server, cfg.routes), cfg.timeouts, cfg.keys)
         self.steps, self.loss = 0, float("nan")
         self.events = EventLog(cfg.event_log, "worker")
+        self.on_step = on_step  # called as on_step(trainer) after every step: progress bars
         self.failing_since: float | None = None  # first data-path failure since the last good step
         self.backoff = 0.0
+        self.paced = 0.0  # the injected delay per step, once Pace has measured the full speed
+        self.sent_before = self.received_before = 0  # bytes of the shard clients closed on rejoins
 
     def run(self) -> WorkerResult:
         torch.set_num_threads(self.cfg.threads)
@@ -100,8 +122,17 @@ class Trainer:
             self.session.close()
             self.client.close()
             self.events.close()
+            self.steplog.close()
         return WorkerResult(self.session.worker_id, self.steps, self.clock, self.loss,
-                            self.client.bytes_sent, self.client.bytes_received, reason, seconds)
+                            self.bytes_sent, self.bytes_received, reason, seconds)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.sent_before + self.client.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.received_before + self.client.bytes_received
 
     def _setup(self, run: RunConfig, joined) -> None:
         self.task = tasks.build(run.task, run.seed)
@@ -115,6 +146,10 @@ class Trainer:
         self.batches = tasks.Batches(indices, run.batch_size, seed=(run.seed, joined.partition))
         self.bsp = run.consistency.mode == "bsp"
         self.clock = joined.clock
+        self.local_steps = self.cfg.local_steps or run.local_steps
+        if self.local_steps > 1:  # plain SGD, as FedAvg's clients take; momentum would outlive a push
+            self.local_sgd = torch.optim.SGD(self.task.model.parameters(), lr=self.cfg.local_lr or run.local_lr)
+        self.steplog = StepLog(self.cfg.metrics_csv)
 
     def _loop(self, run: RunConfig) -> str:
         started = time.monotonic()
@@ -127,9 +162,12 @@ class Trainer:
                 return "finished"
             if self.cfg.max_steps and self.steps >= self.cfg.max_steps:
                 return "steps"
+            if self.cfg.max_clock and self.clock >= self.cfg.max_clock:
+                return "clock"
             if self.session.dropped.is_set():
                 self._rejoin()
                 got = None
+            step_started, sent, received = time.monotonic(), self.bytes_sent, self.bytes_received
             try:
                 if got is None:
                     got = self.client.pull(self.params, self.session.worker_id, self.clock, wait, cancel=cancel)
@@ -137,7 +175,11 @@ class Trainer:
                     return "finished"
                 if self.bsp:
                     self.clock = got.version  # in bsp the round number is the clock
-                self._compute(self.batches.at(self.clock))
+                    if self.cfg.max_clock and self.clock >= self.cfg.max_clock:
+                        return "clock"
+                computed = time.monotonic()
+                slept = self._compute()
+                computed = time.monotonic() - computed
                 base, got = got.version, None
                 # one exchange per step: the push's answer carries the next weights
                 got = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
@@ -153,23 +195,45 @@ class Trainer:
                 self._check_server(e)
                 continue
             self.failing_since, self.backoff = None, 0.0
-            self.clock += 1
-            self.steps += 1
+            self._stepped(got, time.monotonic() - step_started, slept, computed, sent, received)
             self._report(started)
 
-    def _compute(self, batch) -> None:
-        x, y = self.task.train[0][batch], self.task.train[1][batch]
-        self.grads.zero_()
-        loss = self.task.loss(self.task.model(x), y)
-        loss.backward()  # accumulates into self.grads: the parameters' .grad are views of it
-        self.loss = loss.item()
-        if self.cfg.delay:
-            time.sleep(self.cfg.delay)
+    def _stepped(self, got, seconds: float, slept: float, computed: float, sent: int, received: int) -> None:
+        """A step's push was acknowledged: count it, pace the next one, log it."""
+        self.clock += 1
+        self.steps += 1
+        self.paced = self.pace.delay(seconds - slept)  # measured without the delay it injects
+        self.steplog.row(time=round(time.time(), 6), worker=self.session.worker_id,
+                         incarnation=self.session.incarnation, step=self.steps, clock=self.clock,
+                         loss=round(self.loss, 6), staleness=got.staleness, step_seconds=round(seconds, 6),
+                         compute_seconds=round(computed, 6), bytes_sent=self.bytes_sent - sent,
+                         bytes_received=self.bytes_received - received)
+
+    def _compute(self) -> float:
+        """Fill self.grads with what this step pushes; returns the seconds slept to play
+        a slower device (--delay, --speed), which the step's measured time leaves out."""
+        k = self.local_steps
+        if k > 1:
+            batches = [self.batches.at(self.clock * k + j) for j in range(k)]
+            self.loss = local_update(self.task, self.params, self.grads, self.local_sgd, batches)
+        else:
+            batch = self.batches.at(self.clock)
+            x, y = self.task.train[0][batch], self.task.train[1][batch]
+            self.grads.zero_()
+            loss = self.task.loss(self.task.model(x), y)
+            loss.backward()  # accumulates into self.grads: the parameters' .grad are views of it
+            self.loss = loss.item()
+        slept = self.cfg.delay + self.paced
+        if slept:
+            self.session.finish.wait(slept)
+        return slept
 
     def _report(self, started: float) -> None:
         s = self.session
         s.clock, s.loss = self.clock, self.loss
         s.steps_per_s = self.steps / max(1e-9, time.monotonic() - started)
+        if self.on_step is not None:
+            self.on_step(self)
 
     def _recover(self, e: RemoteError) -> None:
         if e.code in (ErrorCode.STALE, ErrorCode.WAIT_TIMEOUT):
@@ -191,6 +255,7 @@ class Trainer:
         log.warning("worker %d rejoining the coordinator", self.session.worker_id)
         joined = self.session.join(self.session.worker_id)
         self.events.emit("rejoin", worker=joined.worker_id, incarnation=joined.incarnation, clock=joined.clock)
+        self.sent_before, self.received_before = self.bytes_sent, self.bytes_received
         self.client.close()
         self.client = ShardClient(self.ctx, self._routed(joined.shards), self.codec, self.cfg.keys, self.pull_codec)
         self.clock = joined.clock
@@ -216,12 +281,13 @@ def route(address: str, routes: tuple[tuple[str, str], ...]) -> str:
     return dict(routes).get(address, address)
 
 
-def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None) -> WorkerResult:
-    """Join the server at cfg.server and train until the run ends or cfg.max_steps."""
+def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None, on_step=None) -> WorkerResult:
+    """Join the server at cfg.server and train until the run ends, cfg.max_steps or
+    cfg.max_clock. `on_step(trainer)`, if given, is called after every step."""
     own = ctx is None
     ctx = ctx or zmq.Context()
     try:
-        return Trainer(cfg, ctx).run()
+        return Trainer(cfg, ctx, on_step).run()
     finally:
         if own:
             ctx.term()
