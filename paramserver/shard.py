@@ -63,6 +63,7 @@ class ShardCore:
         # frames then serve as gradients as received, without assembling a flat copy
         self._views = [torch.nn.Parameter(v) for v in self._slices(self.param)]
         self.optimizer = optim.make(self._views, run.optimizer)
+        self._step = optim.stepper(self.optimizer)
         self.policy = consistency.policy(run.consistency)
         self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
@@ -199,7 +200,7 @@ class ShardCore:
         started = time.perf_counter()
         for p, g in zip(self._views, grads):
             p.grad = g
-        self.optimizer.step()
+        self._step()
         for p in self._views:
             p.grad = None
         self.version += 1
