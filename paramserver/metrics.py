@@ -72,6 +72,10 @@ class ShardMetrics(Served):
         self._by_worker: dict = {}  # (worker, counter) -> its labelled children
         self._push_seconds = self.push_seconds.labels(self.shard)
         self._pull_seconds = self.pull_seconds.labels(self.shard)
+        self._apply_seconds = self.apply_seconds.labels(self.shard)
+        self._round_seconds = self.round_seconds.labels(self.shard)
+        self._staleness = self.staleness.labels(self.shard)
+        self._version = self.version.labels(self.shard)
 
     def _children(self, worker: int, count: Counter, volume: Counter) -> tuple:
         # labels() hashes and locks on every call: each push and pull would pay it three times
@@ -99,11 +103,11 @@ class ShardMetrics(Served):
         wire_bytes.inc(wire)
 
     def applied(self, staleness: int, seconds: float, since_last: float | None, version: int) -> None:
-        self.staleness.labels(self.shard).observe(staleness)
-        self.apply_seconds.labels(self.shard).observe(seconds)
+        self._staleness.observe(staleness)
+        self._apply_seconds.observe(seconds)
         if since_last is not None:
-            self.round_seconds.labels(self.shard).observe(since_last)
-        self.version.labels(self.shard).set(version)
+            self._round_seconds.observe(since_last)
+        self._version.set(version)
 
     def refused(self, reason: str) -> None:
         self.rejected.labels(self.shard, reason).inc()
