@@ -347,8 +347,9 @@ class ShardServer:
 
     def serve(self, until: float = float("inf"), parent_pid: int | None = None) -> None:
         """Serve until stopped, `until` (monotonic) passes, or the parent process is gone."""
+        poller = transport.poller(self.sock)
         while self.running and time.monotonic() < until:
-            if self.sock.poll(100):
+            if poller.poll(100):
                 self.handle(transport.recv(self.sock))
             if self.core.tick():
                 self._maybe_checkpoint()
