@@ -76,7 +76,12 @@ def poller(sock: zmq.Socket) -> zmq.Poller:
 
 
 def recv(sock: zmq.Socket) -> list[zmq.Frame]:
-    return sock.recv_multipart(copy=False)
+    """The frames of one message, received without a copy."""
+    # Frame.more, not recv_multipart: that asks getsockopt(RCVMORE), enum types and all, per frame
+    frames = [sock.recv(copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(copy=False))
+    return frames
 
 
 def nbytes(frames) -> int:
@@ -158,12 +163,13 @@ class Channel:
                     raise Interrupted(f"wait for {self.name} interrupted")
                 continue
             frames = recv(self.sock)
-            self.bytes_received += nbytes(frames)
             try:
                 msg = protocol.decode(frames)
             except ProtocolError as e:
+                self.bytes_received += nbytes(frames)
                 log.warning("dropping malformed reply from %s: %s", self.name, e)
                 continue
+            self.bytes_received += msg.wire_bytes  # every frame's bytes, as nbytes(frames) counts them
             if msg.header.seq != seq:
                 continue  # a late reply to a request we gave up on
             if isinstance(msg.header, protocol.Error):
