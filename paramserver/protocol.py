@@ -280,16 +280,19 @@ def decode(frames) -> Decoded:
     if header.v != VERSION:
         raise ProtocolError(f"protocol version {header.v} not supported (this is {VERSION})", ErrorCode.BAD_VERSION)
     metas = getattr(header, "tensors", ())
-    buffers = [_buffer_of(f) for f in frames[1:]]
-    if len(buffers) != len(metas):
-        raise ProtocolError(f"header lists {len(metas)} tensors but {len(buffers)} frames follow")
-    for meta, buf in zip(metas, buffers):
+    if len(frames) - 1 != len(metas):
+        raise ProtocolError(f"header lists {len(metas)} tensors but {len(frames) - 1} frames follow")
+    buffers, total = [], len(raw)
+    for meta, frame in zip(metas, frames[1:]):
+        buf = _buffer_of(frame)
         if buf.nbytes != meta.nbytes:
             raise ProtocolError(
                 f"tensor {meta.key}: {buf.nbytes} bytes for {meta.dtype}{meta.shape} ({meta.nbytes} expected)",
                 ErrorCode.BAD_TENSOR,
             )
-    return Decoded(header, buffers, len(raw) + sum(b.nbytes for b in buffers))
+        buffers.append(buf)
+        total += buf.nbytes
+    return Decoded(header, buffers, total)
 
 
 def _decode_header(raw: bytes) -> Header:
@@ -317,7 +320,7 @@ def _peek_version(raw: bytes):
 
 
 def _bytes_of(frame) -> bytes | memoryview:
-    return frame.buffer if hasattr(frame, "buffer") else frame
+    return getattr(frame, "buffer", frame)  # a zmq.Frame's memory, or bytes / a buffer as given
 
 
 def _buffer_of(frame) -> memoryview:
@@ -357,6 +360,6 @@ def check_tensors(metas, expected: dict[int, int]) -> None:
         if meta.key in seen:
             raise ProtocolError(f"key {meta.key} appears twice", ErrorCode.BAD_TENSOR)
         seen.add(meta.key)
-    if seen != set(expected):
+    if len(seen) != len(expected):  # every key seen is expected: the same count means the same set
         missing = sorted(set(expected) - seen)[:5]
         raise ProtocolError(f"push is missing keys {missing}", ErrorCode.BAD_TENSOR)

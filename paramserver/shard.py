@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -39,11 +40,16 @@ class Outcome:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t`. Large: one aminmax pass (the extremes show both) without
-    a temporary the size of `t`; small: numpy, whose call costs a fraction of torch's."""
-    if t.numel() < 1 << 16:
-        return bool(np.isfinite(t.numpy()).all())
-    lo, hi = torch.aminmax(t)
+    """No NaN or Inf in `t` (float32, shape (n,)).
+
+    One pass without a temporary: the dot product t . t is finite unless `t` holds a
+    NaN or an Inf, or its squares overflow float32 (entries near 1e19 and beyond);
+    only then does the exact check run, to tell the two apart. A tenth of the time
+    of an aminmax pass at 1 MB, and under half of numpy's isfinite at 4 KB.
+    """
+    if math.isfinite(torch.dot(t, t)):
+        return True
+    lo, hi = torch.aminmax(t)  # the extremes show both NaN and Inf
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
@@ -64,9 +70,12 @@ class ShardCore:
         # frames then serve as gradients as received, without assembling a flat copy
         self._views = [torch.nn.Parameter(v) for v in self._slices(self.param)]
         self.optimizer = optim.make(self._views, run.optimizer)
+        self._step = optim.stepper(self.optimizer)
         self.policy = consistency.policy(run.consistency)
         self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
+        # what a whole float32 pull answer says of its frames: the same for every answer
+        self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
         self._mean_out: list[torch.Tensor] | None = None  # bsp: where a round's mean is summed
         # frames of pulls still being sent read param's memory in place (zero-copy);
         # pins are their trackers, retired buffers earlier param memory still in flight
@@ -200,7 +209,7 @@ class ShardCore:
         started = time.perf_counter()
         for p, g in zip(self._views, grads):
             p.grad = g
-        self.optimizer.step()
+        self._step()
         for p in self._views:
             p.grad = None
         self.version += 1
@@ -224,11 +233,7 @@ class ShardCore:
         must `pin` the send, so that the next update leaves them alone.
         """
         flat = self.param.numpy()
-        metas, buffers = [], []
-        for c in self.chunks:
-            metas.append(protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]))
-            buffers.append(flat[c.start - self.lo : c.stop - self.lo])
-        return metas, buffers
+        return self._float32_metas, [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
 
     def encoded(self, codec: str, worker: int, have: int) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
         """The current weights for a pull asking for `codec` other than none, in frames of
@@ -348,8 +353,9 @@ class ShardServer:
 
     def serve(self, until: float = float("inf"), parent_pid: int | None = None) -> None:
         """Serve until stopped, `until` (monotonic) passes, or the parent process is gone."""
+        poller = transport.poller(self.sock)
         while self.running and time.monotonic() < until:
-            if self.sock.poll(100):
+            if poller.poll(100):
                 self.handle(transport.recv(self.sock))
             if self.core.tick():
                 self._maybe_checkpoint()
@@ -367,7 +373,8 @@ class ShardServer:
             return
         identity, body = frames[0].bytes, frames[1:]
         try:
-            peer = user_id(body[0])
+            # without CURVE there is no key to ask for (and asking raises, at a cost per message)
+            peer = user_id(body[0]) if self.security else None
             if self.security and not self.security.allow.allows(peer):
                 raise ProtocolError("key not authorized (removed from --authorized-keys?)", ErrorCode.NOT_AUTHORIZED)
             msg = protocol.decode(body)

@@ -24,6 +24,7 @@ ZERO_COPY_MIN = 64 * 1024
 # a DEALER whose peer never completed the handshake (say, CURVE refused our key)
 # blocks in send: bound it, so that no send waits forever
 SEND_TIMEOUT_MS = 2000
+_SNDMORE = int(zmq.SNDMORE)
 
 
 def socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
@@ -52,22 +53,35 @@ def send(sock: zmq.Socket, frames: list, flags: int = 0, trackers: list | None =
     With `trackers`, each frame sent without a copy adds a MessageTracker there:
     its buffer must not change until the tracker is `.done`.
     """
-    total, last = 0, len(frames) - 1
+    # plain ints: or-ing zmq's Flag enums runs Python code in the enum module, per frame
+    flags, more, total, last = int(flags), _SNDMORE, 0, len(frames) - 1
     for i, f in enumerate(frames):
-        n = memoryview(f).nbytes if not isinstance(f, bytes) else len(f)
+        n = len(f) if isinstance(f, bytes) else memoryview(f).nbytes
         total += n
-        more = zmq.SNDMORE if i < last else 0
+        fl = flags | more if i < last else flags
         if n < ZERO_COPY_MIN:
-            sock.send(f, flags | more, copy=True)
+            sock.send(f, fl, copy=True)
         elif trackers is None:
-            sock.send(f, flags | more, copy=False)
+            sock.send(f, fl, copy=False)
         else:
-            trackers.append(sock.send(f, flags | more, copy=False, track=True))
+            trackers.append(sock.send(f, fl, copy=False, track=True))
     return total
 
 
+def poller(sock: zmq.Socket) -> zmq.Poller:
+    """A poller for `sock`'s input, made once: `Socket.poll` builds a new one per call."""
+    p = zmq.Poller()
+    p.register(sock, zmq.POLLIN)
+    return p
+
+
 def recv(sock: zmq.Socket) -> list[zmq.Frame]:
-    return sock.recv_multipart(copy=False)
+    """The frames of one message, received without a copy."""
+    # Frame.more, not recv_multipart: that asks getsockopt(RCVMORE), enum types and all, per frame
+    frames = [sock.recv(copy=False)]
+    while frames[-1].more:
+        frames.append(sock.recv(copy=False))
+    return frames
 
 
 def nbytes(frames) -> int:
@@ -101,6 +115,7 @@ class Channel:
             # a refused key shows only as a monitor event: the peer just stays silent
             self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
         s.connect(self.address)
+        self._poller = poller(s)
         return s
 
     def handshake_refused(self) -> bool:
@@ -143,17 +158,18 @@ class Channel:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded(f"no reply from {self.name} within the deadline")
-            if not self.sock.poll(max(1, int(min(left, 0.1 if cancel else left) * 1000))):
+            if not self._poller.poll(max(1, int(min(left, 0.1 if cancel else left) * 1000))):
                 if cancel is not None and cancel():
                     raise Interrupted(f"wait for {self.name} interrupted")
                 continue
             frames = recv(self.sock)
-            self.bytes_received += nbytes(frames)
             try:
                 msg = protocol.decode(frames)
             except ProtocolError as e:
+                self.bytes_received += nbytes(frames)
                 log.warning("dropping malformed reply from %s: %s", self.name, e)
                 continue
+            self.bytes_received += msg.wire_bytes  # every frame's bytes, as nbytes(frames) counts them
             if msg.header.seq != seq:
                 continue  # a late reply to a request we gave up on
             if isinstance(msg.header, protocol.Error):

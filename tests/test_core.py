@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from paramserver import codecs, consistency, protocol, sharding
+from paramserver import codecs, consistency, optim, protocol, sharding
 from paramserver.config import Consistency, OptimizerConfig, RunConfig
 from paramserver.consistency import APPLY, DUPLICATE, QUEUE, STALE, Asp, Bsp, Ssp
 from paramserver.coordinator import Members
@@ -545,3 +545,42 @@ def test_clip_norm_scales_a_push_down_on_the_shard():
     grad = torch.cat(core.decode_push(push, [memoryview(big.numpy()).cast("B")]))
     assert torch.equal(big, torch.full((8,), 10.0))  # the received frame itself is left alone
     assert float(grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+# -- server optimizers ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cfg", [OptimizerConfig("sgd", lr=0.1, momentum=0.9, weight_decay=1e-3),
+                                 OptimizerConfig("adam", lr=0.01), OptimizerConfig("adamw", lr=0.01),
+                                 OptimizerConfig("adagrad", lr=0.05)], ids=lambda c: c.name)
+@pytest.mark.parametrize("tensors", [1, 3])
+def test_the_shards_step_is_the_optimizers_own(cfg, tensors):
+    # optim.stepper leaves out only torch's profiler wrapper: the same update, bit for bit
+    init = [torch.randn(5, generator=torch.Generator().manual_seed(i)) for i in range(tensors)]
+    a = [torch.nn.Parameter(t.clone()) for t in init]
+    b = [torch.nn.Parameter(t.clone()) for t in init]
+    opt_a, opt_b = optim.make(a, cfg), optim.make(b, cfg)
+    step = optim.stepper(opt_b)
+    for k in range(3):
+        for pa, pb in zip(a, b):
+            pa.grad = pb.grad = torch.full((5,), 0.1 * (k + 1))
+        opt_a.step()
+        step()
+    for pa, pb in zip(a, b):
+        assert torch.equal(pa, pb)
+    for sa, sb in zip(opt_a.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("n", [1, 7, 33, 1024, 70_001])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38, -1e20])
+def test_finiteness_check_finds_nan_and_inf_anywhere_and_only_them(n, bad):
+    from paramserver.shard import _finite
+
+    base = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    assert _finite(torch.from_numpy(base))
+    for pos in {0, n // 2, n - 1}:
+        x = base.copy()
+        x[pos] = bad
+        # huge finite entries overflow the one-pass check's squares: still finite
+        assert _finite(torch.from_numpy(x)) == bool(np.isfinite(bad)), (n, pos)

@@ -80,12 +80,22 @@ def _sparse(total: int, step: int) -> torch.Tensor:
     return g
 
 
+def _pulls_counted(servers, answers: int) -> None:
+    """Wait until each shard has counted `answers` pull answers to worker 0: a shard's
+    thread counts an answer just after sending it, so the client may see it first."""
+    deadline = time.monotonic() + 10
+    while any(0 not in s.traffic or s.traffic[0].pulled_raw < answers * 4 * s.core.numel for s in servers):
+        assert time.monotonic() < deadline, f"shards did not count {answers} answers"
+        time.sleep(0.001)
+
+
 def test_delta_pulls_give_the_same_weights_as_whole_pulls(shard_set):
     shards = shard_set(SPARSE_SGD, 2)
     total = shards.plan[-1][-1].stop
     delta, whole = shards.client(pull_codec="delta"), shards.client()
     mine, reference = torch.empty(total), torch.empty(total)
     delta.pull(mine, worker=0, clock=0, timeout=10)  # the first answer is whole: nothing held yet
+    _pulls_counted(shards.servers, 1)
     first = [s.traffic[0].pulled_wire for s in shards.servers]
     for step in range(6):
         # sparse SGD updates: few weights change; every other step the answer is lost
@@ -97,6 +107,7 @@ def test_delta_pulls_give_the_same_weights_as_whole_pulls(shard_set):
         assert torch.equal(mine, reference), f"step {step}"
         assert got.version == step + 1
     # raw counts float32 weights either way; the delta answers went on the wire far smaller
+    _pulls_counted(shards.servers, 13)
     for s, before in zip(shards.servers, first):
         t = s.traffic[0]
         assert t.pulled_raw == 13 * 4 * s.core.numel  # 1 + 6 delta answers, 6 whole reference pulls
@@ -113,11 +124,7 @@ def test_compressed_pulls_halve_the_bytes(shard_set, pull_codec, atol):
     half.pull(a, worker=0, clock=0, timeout=10)
     whole.pull(b, worker=0, clock=0, timeout=10)
     torch.testing.assert_close(a, b, rtol=1e-2, atol=atol)
-    # a shard counts an answer's bytes just after sending it: the count may trail the reply
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(s.traffic.get(0) is None or s.traffic[0].pulled_raw < 2 * 4 * s.core.numel
-                                              for s in shards.servers):
-        time.sleep(0.01)
+    _pulls_counted(shards.servers, 2)
     for s in shards.servers:
         t = s.traffic[0]
         assert t.pulled_raw == 2 * 4 * s.core.numel

@@ -38,6 +38,9 @@ class ShardClient:
         self.pull_codec = check_pull_codec(pull_codec)
         self.channels = [Channel(ctx, s.address, f"shard {s.index}", keys) for s in shards]
         self.chunks = [[Chunk(*c) for c in s.chunks] for s in shards]
+        # per shard, what its answers must hold (key -> numel) and where each key goes
+        self._expected = [{c.key: c.numel for c in chunks} for chunks in self.chunks]
+        self._by_key = [{c.key: c for c in chunks} for chunks in self.chunks]
         # delta pulls: per shard, the token of the last answer applied (0: none, send whole)
         self.tokens = [0] * len(shards)
 
@@ -74,10 +77,9 @@ class ShardClient:
         """A shard's pull_ok into the flat weights; ProtocolError if it is not the shard's keys."""
         if not isinstance(msg.header, protocol.PullOk):
             raise ProtocolError(f"expected pull_ok, got {type(msg.header).__name__}")
-        chunks = self.chunks[shard]
-        protocol.check_tensors(msg.header.tensors, {c.key: c.numel for c in chunks})
+        protocol.check_tensors(msg.header.tensors, self._expected[shard])
         self.tokens[shard] = 0  # a partly written answer leaves no valid base for a delta
-        by_key = {c.key: c for c in chunks}
+        by_key = self._by_key[shard]
         for meta, buf in zip(msg.header.tensors, msg.buffers):
             c = by_key[meta.key]
             if meta.codec == codecs.delta.NAME:
