@@ -8,6 +8,7 @@ answer lost on the way back is resent and applied once.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -89,6 +90,15 @@ def test_bsp_weights_with_overlap_are_bit_identical_to_without(make_cluster, opt
     run = _run(optimizer)
     without, status = _train(make_cluster, run, overlap=False)
     assert status["updates"] == ROUNDS
+    with_overlap, status = _train(make_cluster, run, overlap=True)
+    assert status["updates"] == ROUNDS
+    assert torch.equal(with_overlap, without)
+
+
+def test_with_local_steps_overlap_takes_the_plain_path_and_trains_the_same(make_cluster):
+    # the pushed delta exists only after K steps: nothing is final during a backward
+    run = dataclasses.replace(_run("sgd"), local_steps=2, local_lr=0.05)
+    without, _ = _train(make_cluster, run, overlap=False)
     with_overlap, status = _train(make_cluster, run, overlap=True)
     assert status["updates"] == ROUNDS
     assert torch.equal(with_overlap, without)

@@ -54,7 +54,8 @@ class WorkerConfig:
     local_lr: float = 0.0  # > 0: this worker's local SGD learning rate (0: the server's)
     # send each shard's push during backward, as soon as its gradients are final
     # (workers/overlap.py); off by default: on 2 shared cores it was measured not to
-    # pay (bench/findings.md). Never with local steps > 1: their delta exists only after K steps
+    # pay (bench/findings.md). Never with local steps > 1 (their delta exists only
+    # after K steps) nor with one shard (nothing to overlap)
     overlap: bool = False
     metrics_csv: str = ""  # a CSV file for one row per step (steps.StepLog.FIELDS)
     codec: str = ""  # "" takes the server's default
@@ -159,11 +160,14 @@ class Trainer:
         self.steplog = StepLog(self.cfg.metrics_csv)
 
     def _watch_shards(self) -> None:
-        """(Re)build the backward hooks for the client's shard map, when overlap applies."""
+        """(Re)build the backward hooks for the client's shard map, when overlap applies:
+        not with local steps (the delta exists only after K steps), nor with one shard,
+        whose range holds the input layer and so is final only as backward ends (measured:
+        no gain, bench/findings.md)."""
         if self.readiness is not None:
             self.readiness.close()
             self.readiness = None
-        if self.cfg.overlap and self.local_steps <= 1:
+        if self.cfg.overlap and self.local_steps <= 1 and len(self.client.channels) > 1:
             self.readiness = ShardReadiness(list(self.task.model.parameters()), self.layout,
                                             shard_ranges(self.client.chunks))
 
