@@ -18,6 +18,8 @@ from torch import nn
 
 from paramserver import protocol, sharding
 from paramserver.config import Consistency, OptimizerConfig, RunConfig, Timeouts
+from paramserver.errors import RemoteError
+from paramserver.protocol import ErrorCode
 from workers.overlap import ShardReadiness, shard_ranges
 
 ROUNDS, WORKERS, BATCH = 8, 2, 16
@@ -69,6 +71,32 @@ def test_a_disarmed_readiness_calls_nothing_and_an_error_comes_out_after_backwar
     assert bool(grads[: ranges[0][1]].abs().sum() > 0)
     readiness.close()
     assert not readiness.handles
+
+
+def test_an_exchange_abandoned_after_an_early_send_applies_the_step_once_on_each_shard(shard_set):
+    # what the trainer does when a step fails after backward sent the last layers' shard its
+    # push and before the others had theirs: reset the sockets, pull again, push again
+    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=0.1, momentum=0.0),
+                    chunk_elems=1024)
+    shards = shard_set(run, 2)
+    client = shards.client()
+    total = shards.plan[-1][-1].stop
+    start, weights = torch.empty(total), torch.empty(total)
+    client.pull(start, worker=0, clock=0, timeout=10.0)
+    grads = torch.randn(total, generator=torch.Generator().manual_seed(1))
+    out = client.start_push(grads, 0, 0, clock=0, base_version=0, pull=True)
+    client.send_part(out, 1)  # during backward; then the step fails
+    client.reset()
+    got = client.pull(weights, worker=0, clock=0, timeout=10.0)
+    assert got.version == 0  # shard 1 applied round 0 alone; shard 0 still waits for it
+    with pytest.raises(RemoteError) as e:  # the step again: shard 1 has it, and says so
+        client.push(grads, 0, 0, clock=0, base_version=0, timeout=10.0, pull_into=weights)
+    assert e.value.code == ErrorCode.STALE
+    got = client.pull(weights, worker=0, clock=1, timeout=10.0)
+    assert got.version == 1
+    assert [(s.core.version, s.core.pushes) for s in shards.servers] == [(1, 1), (1, 1)]
+    torch.testing.assert_close(weights, start - 0.1 * grads, rtol=0, atol=1e-7)
+    client.wait_sent(5.0)  # nothing in flight reads grads any more
 
 
 def _run(optimizer: str) -> RunConfig:
