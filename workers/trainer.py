@@ -53,8 +53,8 @@ class WorkerConfig:
     local_steps: int = 0  # > 0: this worker's K for FedAvg-style local steps (0: the server's)
     local_lr: float = 0.0  # > 0: this worker's local SGD learning rate (0: the server's)
     # send each shard's push during backward, as soon as its gradients are final
-    # (workers/overlap.py); off by default: on 2 shared cores it was measured not to
-    # pay (bench/findings.md). Never with local steps > 1 (their delta exists only
+    # (workers/overlap.py); off by default: on 2 shared cores it did not pay with 2
+    # workers and gained a few percent with 4 (bench/findings.md). Never with local steps > 1 (their delta exists only
     # after K steps) nor with one shard (nothing to overlap)
     overlap: bool = False
     metrics_csv: str = ""  # a CSV file for one row per step (steps.StepLog.FIELDS)
