@@ -22,13 +22,15 @@ DIGITS = Workload("digits-mlp", "digits-mlp", steps=500, shards=1, lr=3e-3, eval
 # a step moves 100 MB each way and takes seconds here: few steps, enough for a rate
 WIDE = Workload("wide-mlp-25m", "bench.tasks:wide_mlp", steps=5, shards=2, lr=3e-4, timeout=300)
 MODES = ["bsp", "asp", "ssp:2"]
+# the 25M model also runs bsp with --overlap (workers/overlap.py), next to bsp without it
+WIDE_MODES = [*MODES, "bsp+overlap"]
 
 
 def plan(quick: bool) -> list[tuple[Workload, list[int], list[str], int]]:
     """(workload, worker counts, our modes, repetitions)."""
     if quick:
         return [(with_steps(DIGITS, 150), [2], ["bsp", "asp"], 1), (with_steps(WIDE, 2), [2], ["asp"], 1)]
-    return [(DIGITS, [2, 4], MODES, 3), (WIDE, [2, 4], MODES, 2)]
+    return [(DIGITS, [2, 4], MODES, 3), (WIDE, [2, 4], WIDE_MODES, 2)]
 
 
 def systems(workers: list[int], modes: list[str]) -> list[tuple[str, int]]:
@@ -43,7 +45,8 @@ def run_system(runner: Runner, w: Workload, system: str, n: int, **kw) -> dict:
     try:
         if system in ("single", "ddp"):
             return runner.ddp(w, n, **kw)
-        return runner.ours(w, n, system, **kw)
+        mode, _, flag = system.partition("+")
+        return runner.ours(w, n, mode, overlap=flag == "overlap", **kw)
     except Exception as e:  # noqa: BLE001 (a failed run is data: reported, not fatal)
         log.error("%s %s x%d failed: %s", w.name, system, n, e)
         return {"error": str(e)}
@@ -102,7 +105,8 @@ def result(runs: dict, plans) -> dict:
                 "every process (DDP ranks, our workers and shards) uses one torch thread. "
                 f"digits-mlp: {plans[0][0].steps} steps per worker, lr {plans[0][0].lr}, 1 shard; "
                 "test accuracy checked every 25 ms on worker 0 / rank 0 (and at the end). "
-                + (f"wide-mlp-25m: {plans[1][0].steps} steps per worker, lr {plans[1][0].lr}, 2 shards. " if len(plans) > 1 else "")
+                + (f"wide-mlp-25m: {plans[1][0].steps} steps per worker, lr {plans[1][0].lr}, 2 shards; bsp+overlap is bsp "
+                   "with the workers' --overlap (each shard's push sent during backward). " if len(plans) > 1 else "")
                 + "samples/s counts the window in which every worker is stepping; time to target is measured "
                 "from the moment the last worker connected. The coordinator runs on a thread of the bench process, "
                 "shards and workers are processes; bsp runs with --min-workers equal to the worker count.",

@@ -143,9 +143,10 @@ class Channel:
     def next_seq(self) -> int:
         return next(self._seq)
 
-    def send(self, header, buffers=()) -> None:
+    def send(self, header, buffers=(), trackers: list | None = None) -> None:
+        """Send one message; with `trackers`, its zero-copy frames' trackers are added there."""
         try:
-            self.bytes_sent += send(self.sock, protocol.encode(header, buffers))
+            self.bytes_sent += send(self.sock, protocol.encode(header, buffers), trackers=trackers)
         except zmq.Again:
             raise DeadlineExceeded(f"could not send to {self.name}: no connection within {SEND_TIMEOUT_MS} ms") from None
 

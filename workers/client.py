@@ -21,6 +21,7 @@ from paramserver.sharding import Chunk
 from paramserver.transport import Channel
 
 log = logging.getLogger(__name__)
+CLOSE_WAIT = 5.0  # seconds a closing client waits for zmq to let go of its pushes' frames
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,23 @@ class Reply:
     version: int  # the lowest weights version among the shards' answers
     finished: bool  # some shard says the run is over
     staleness: int = 0  # a push's: the largest over the shards
+
+
+@dataclass
+class Outgoing:
+    """One push exchange on its way out: per shard, its (header, buffers) once sent, else None."""
+
+    grads: torch.Tensor  # flat float32, shape (total,): the memory the `none` codec sends
+    worker: int
+    incarnation: int
+    clock: int
+    base_version: int
+    pull: bool
+    messages: list
+
+    def __repr__(self) -> str:
+        sent = sum(m is not None for m in self.messages)
+        return f"<Outgoing clock={self.clock} sent={sent}/{len(self.messages)}>"
 
 
 class ShardClient:
@@ -43,6 +61,7 @@ class ShardClient:
         self._by_key = [{c.key: c for c in chunks} for chunks in self.chunks]
         # delta pulls: per shard, the token of the last answer applied (0: none, send whole)
         self.tokens = [0] * len(shards)
+        self._sending: list[zmq.MessageTracker] = []  # of pushes' zero-copy frames (wait_sent)
 
     def __repr__(self) -> str:
         return f"<ShardClient shards={len(self.channels)} codec={self.codec.name}>"
@@ -98,30 +117,65 @@ class ShardClient:
         allows; otherwise it acknowledges the push first and the weights follow, within
         `pull_wait` (default `timeout`) of the acknowledgement.
         """
-        pulling = pull_into is not None
-        messages = []
-        for ch, chunks in zip(self.channels, self.chunks):
-            metas, buffers = [], []
-            for c in chunks:
-                # per chunk: the codec keeps error feedback by chunk key; grads itself is never written
-                dtype, shape, params, buf = self.codec.encode(c.key, grads[c.start : c.stop])
-                metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
-                buffers.append(buf)
-            header = protocol.Push(v=VERSION, seq=ch.next_seq(), worker_id=worker, incarnation=incarnation,
-                                   clock=clock, base_version=base_version, tensors=metas, pull=pulling,
-                                   pull_codec=self.pull_codec, have=self.tokens[len(messages)])
-            messages.append((header, buffers))
-            ch.send(header, buffers)
+        out = self.start_push(grads, worker, incarnation, clock, base_version, pull=pull_into is not None)
+        return self.finish_push(out, timeout, cancel, retry_for, pull_into, pull_wait)
+
+    def start_push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int,
+                   pull: bool) -> Outgoing:
+        """A push exchange that sends nothing yet: `send_part` sends one shard's message
+        (during backward, once that shard's gradients are final), `finish_push` the rest."""
+        return Outgoing(grads, worker, incarnation, clock, base_version, pull, [None] * len(self.channels))
+
+    def send_part(self, out: Outgoing, shard: int) -> None:
+        """Encode and send shard `shard`'s slice of `out.grads`; a second call does nothing."""
+        if out.messages[shard] is not None:
+            return
+        metas, buffers = [], []
+        for c in self.chunks[shard]:
+            # per chunk: the codec keeps error feedback by chunk key; grads itself is never written
+            dtype, shape, params, buf = self.codec.encode(c.key, out.grads[c.start : c.stop])
+            metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=self.codec.name, params=params))
+            buffers.append(buf)
+        ch = self.channels[shard]
+        header = protocol.Push(v=VERSION, seq=ch.next_seq(), worker_id=out.worker, incarnation=out.incarnation,
+                               clock=out.clock, base_version=out.base_version, tensors=metas, pull=out.pull,
+                               pull_codec=self.pull_codec, have=self.tokens[shard])
+        out.messages[shard] = (header, buffers)
+        ch.send(header, buffers, self._sending)
+
+    def finish_push(self, out: Outgoing, timeout: float, cancel=None, retry_for: float = 0.0,
+                    pull_into: torch.Tensor | None = None, pull_wait: float = 0.0) -> Reply:
+        """Send the shards' messages not sent yet, then collect every answer (see `push`)."""
+        for i in range(len(self.channels)):
+            self.send_part(out, i)
         replies, staleness = [], 0
-        for i, (ch, (header, buffers)) in enumerate(zip(self.channels, messages)):
+        for i, (ch, (header, buffers)) in enumerate(zip(self.channels, out.messages)):
             msg = self._ack(ch, header, buffers, timeout, retry_for, cancel)
             staleness = max(staleness, getattr(msg.header, "staleness", 0))
-            if pulling:
+            if out.pull:
                 if isinstance(msg.header, protocol.PushOk):  # landed; the weights wait for the consistency rule
                     msg = ch.receive(header.seq, time.monotonic() + (pull_wait or timeout), cancel)
                 self._take_weights(i, pull_into.numpy(), msg)
             replies.append(msg.header)
+        # answered: their frames are (nearly always) released by now; keep only the rest
+        self._sending = [t for t in self._sending if not t.done]
         return _combine(replies, staleness)
+
+    def wait_sent(self, timeout: float) -> None:
+        """Return once no frame sent without a copy still reads the gradient buffer.
+
+        The `none` codec sends slices of the caller's gradients as they are: they must
+        not be written (the next step's `zero_`) while zmq may still be sending them.
+        After a collected answer they are done at once; after an abandoned exchange
+        (a reset socket) zmq lets go of them shortly after.
+        """
+        deadline = time.monotonic() + timeout
+        for t in self._sending:
+            try:
+                t.wait(max(0.0, deadline - time.monotonic()))
+            except zmq.NotDone:
+                raise DeadlineExceeded(f"a push's frames still in flight after {timeout}s") from None
+        self._sending.clear()
 
     def _ack(self, ch: Channel, header, buffers, timeout: float, retry_for: float, cancel):
         """Wait for one shard's ack; on a timeout resend the SAME message (same sequence
@@ -135,7 +189,7 @@ class ShardClient:
                     raise
                 log.warning("no ack from %s for push %d; sending it again", ch.name, header.seq)
                 ch.reset()
-                ch.send(header, buffers)
+                ch.send(header, buffers, self._sending)
 
     def reset(self) -> None:
         self.tokens = [0] * len(self.channels)
@@ -145,6 +199,11 @@ class ShardClient:
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
+        # the caller may reuse the gradient buffer (a rejoin makes a new client over it)
+        try:
+            self.wait_sent(CLOSE_WAIT)
+        except DeadlineExceeded as e:
+            log.warning("%s", e)
 
 
 def _combine(headers, staleness: int = 0) -> Reply:

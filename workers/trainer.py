@@ -29,6 +29,7 @@ from paramserver.security import Keys
 from paramserver.sharding import Layout, flatten_
 
 from .client import ShardClient
+from .overlap import ShardReadiness, shard_ranges
 from .session import Session
 from .steps import Pace, StepLog, local_update
 
@@ -51,6 +52,11 @@ class WorkerConfig:
     max_clock: int = 0
     local_steps: int = 0  # > 0: this worker's K for FedAvg-style local steps (0: the server's)
     local_lr: float = 0.0  # > 0: this worker's local SGD learning rate (0: the server's)
+    # send each shard's push during backward, as soon as its gradients are final
+    # (workers/overlap.py); off by default: on 2 shared cores it did not pay with 2
+    # workers and gained a few percent with 4 (bench/findings.md). Never with local steps > 1 (their delta exists only
+    # after K steps) nor with one shard (nothing to overlap)
+    overlap: bool = False
     metrics_csv: str = ""  # a CSV file for one row per step (steps.StepLog.FIELDS)
     codec: str = ""  # "" takes the server's default
     pull_codec: str = ""  # "" takes the server's default
@@ -149,7 +155,21 @@ class Trainer:
         self.local_steps = self.cfg.local_steps or run.local_steps
         if self.local_steps > 1:  # plain SGD, as FedAvg's clients take; momentum would outlive a push
             self.local_sgd = torch.optim.SGD(self.task.model.parameters(), lr=self.cfg.local_lr or run.local_lr)
+        self.readiness = None
+        self._watch_shards()
         self.steplog = StepLog(self.cfg.metrics_csv)
+
+    def _watch_shards(self) -> None:
+        """(Re)build the backward hooks for the client's shard map, when overlap applies:
+        not with local steps (the delta exists only after K steps), nor with one shard,
+        whose range holds the input layer and so is final only as backward ends (measured:
+        no gain, bench/findings.md)."""
+        if self.readiness is not None:
+            self.readiness.close()
+            self.readiness = None
+        if self.cfg.overlap and self.local_steps <= 1 and len(self.client.channels) > 1:
+            self.readiness = ShardReadiness(list(self.task.model.parameters()), self.layout,
+                                            shard_ranges(self.client.chunks))
 
     def _loop(self, run: RunConfig) -> str:
         started = time.monotonic()
@@ -177,14 +197,17 @@ class Trainer:
                     self.clock = got.version  # in bsp the round number is the clock
                     if self.cfg.max_clock and self.clock >= self.cfg.max_clock:
                         return "clock"
-                computed = time.monotonic()
-                slept = self._compute()
-                computed = time.monotonic() - computed
+                # from here on a failure pulls again: part of this push may already be out
                 base, got = got.version, None
                 # one exchange per step: the push's answer carries the next weights
-                got = self.client.push(self.grads, self.session.worker_id, self.session.incarnation,
-                                       self.clock, base, timeouts.request_timeout, cancel=cancel,
-                                       retry_for=timeouts.reconnect_timeout, pull_into=self.params, pull_wait=wait)
+                out = self.client.start_push(self.grads, self.session.worker_id, self.session.incarnation,
+                                             self.clock, base, pull=True)
+                computed = time.monotonic()
+                slept = self._compute(out)
+                computed = time.monotonic() - computed
+                got = self.client.finish_push(out, timeouts.request_timeout, cancel=cancel,
+                                              retry_for=timeouts.reconnect_timeout, pull_into=self.params,
+                                              pull_wait=wait)
             except RemoteError as e:
                 self._recover(e)
                 continue
@@ -209,10 +232,13 @@ class Trainer:
                          compute_seconds=round(computed, 6), bytes_sent=self.bytes_sent - sent,
                          bytes_received=self.bytes_received - received)
 
-    def _compute(self) -> float:
-        """Fill self.grads with what this step pushes; returns the seconds slept to play
-        a slower device (--delay, --speed), which the step's measured time leaves out."""
+    def _compute(self, out) -> float:
+        """Fill self.grads with what this step pushes (with overlap, sending `out`'s
+        shard messages as their gradients become final); returns the seconds slept to
+        play a slower device (--delay, --speed), which the step's measured time leaves out."""
         k = self.local_steps
+        # the last push's zero-copy frames read self.grads until zmq is done with them
+        self.client.wait_sent(self.cfg.timeouts.request_timeout)
         if k > 1:
             batches = [self.batches.at(self.clock * k + j) for j in range(k)]
             self.loss = local_update(self.task, self.params, self.grads, self.local_sgd, batches)
@@ -221,7 +247,11 @@ class Trainer:
             x, y = self.task.train[0][batch], self.task.train[1][batch]
             self.grads.zero_()
             loss = self.task.loss(self.task.model(x), y)
-            loss.backward()  # accumulates into self.grads: the parameters' .grad are views of it
+            if self.readiness is None:
+                loss.backward()  # accumulates into self.grads: the parameters' .grad are views of it
+            else:
+                with self.readiness.armed(lambda shard: self.client.send_part(out, shard)):
+                    loss.backward()
             self.loss = loss.item()
         slept = self.cfg.delay + self.paced
         if slept:
@@ -258,6 +288,7 @@ class Trainer:
         self.sent_before, self.received_before = self.bytes_sent, self.bytes_received
         self.client.close()
         self.client = ShardClient(self.ctx, self._routed(joined.shards), self.codec, self.cfg.keys, self.pull_codec)
+        self._watch_shards()
         self.clock = joined.clock
 
     def _routed(self, shards):
