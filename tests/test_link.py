@@ -469,8 +469,8 @@ def test_one_worker_behind_a_slow_link_and_one_without(tmp_path, no_leaks):
     sim = SimConfig(workers=2, shards=2, steps=30, report=str(tmp_path / "r"), progress=False,
                     links=tuple(per_worker(["0:delay=20ms,rate=20mbit"], 2)))
     report = simulate(RunConfig(consistency=Consistency("asp")), sim)
-    by_worker = {e["id"]: e["worker"] for e in report["membership_events"]}
-    step = {by_worker[r["worker_id"]]: r["train_seconds"] / r["steps"] for r in report["worker_results"]}
+    # simulated worker i joins as id i; a 30-step worker may come and go between two status polls
+    step = {r["worker_id"]: r["train_seconds"] / r["steps"] for r in report["worker_results"]}
     bound = 2 * delay + 2 * MODEL_BYTES * 8 / rate  # see the next test
     assert step[0] >= 0.95 * bound and step[1] <= 0.5 * bound, (step, bound)
     assert report["link"]["specs"] == {"0": "delay=20ms,rate=20mbit"}
