@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 
 import click
 
@@ -106,9 +108,6 @@ class _Throttled:
         self.bar, self.next = bar, 0.0
 
     def update(self, coordinator) -> None:
-        import math
-        import time
-
         if time.monotonic() < self.next:
             return
         self.next = time.monotonic() + 0.5
@@ -172,8 +171,6 @@ def status(server, as_json, once, interval, timeout, server_key, curve_secret_ke
     if once or not tty:
         console.print(admin.status_view(info))
         return
-    import time
-
     with Live(admin.status_view(info), console=console, auto_refresh=False) as live:
         try:
             while True:

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -202,12 +201,16 @@ class Fleet:
         if runs[:-1]:
             self.events.append({"t": t, "worker": worker, "event": "restarted", "clock": clock})
 
+    def _killed_itself(self, p) -> bool:
+        """The process ended by its own scheduled SIGKILL."""
+        return p.pid in self.self_kill and p.exitcode == -signal.SIGKILL
+
     def self_killed(self, t: float) -> set[int]:
         """Workers whose newest process has killed itself as scheduled since the last call."""
         out = set()
         for w, runs in self.procs.items():
             p = runs[-1]
-            if p.pid in self.self_kill and p.pid not in self.killed and p.exitcode == -signal.SIGKILL:
+            if self._killed_itself(p) and p.pid not in self.killed:
                 self.killed.add(p.pid)
                 self.events.append({"t": t, "worker": w, "event": "killed", "clock": self.self_kill[p.pid]})
                 out.add(w)
@@ -228,8 +231,8 @@ class Fleet:
     def busy(self) -> bool:
         """A process runs, a worker is due back, or a scheduled kill has not been looked
         at yet (its return may be due): the simulation goes on."""
-        unseen = any(runs[-1].pid in self.self_kill and runs[-1].pid not in self.killed
-                     and runs[-1].exitcode == -signal.SIGKILL for runs in self.procs.values())
+        unseen = any(self._killed_itself(runs[-1]) and runs[-1].pid not in self.killed
+                     for runs in self.procs.values())
         return bool(self.alive()) or unseen or self.director.waiting
 
     def all(self) -> list:
@@ -238,8 +241,7 @@ class Fleet:
     def failed(self) -> list[str]:
         """Processes that ended badly, not counting those killed on purpose."""
         return [f"{p.name} (exit code {p.exitcode})" for p in self.all()
-                if p.exitcode not in (0, None) and p.pid not in self.killed
-                and not (p.pid in self.self_kill and p.exitcode == -signal.SIGKILL)]
+                if p.exitcode not in (0, None) and p.pid not in self.killed and not self._killed_itself(p)]
 
     def step(self, dt: float, t: float, clocks: dict[int, int]) -> None:
         """One look at the run: let the director decide, and do what it says."""
@@ -250,8 +252,3 @@ class Fleet:
                 self.kill(w, t, clocks.get(w))
             else:  # noted with the run's step: the largest live clock
                 self.start(w, t, self.director.run_step)
-
-
-def with_speed(cfg, speeds: tuple[float, ...], worker: int):
-    """A WorkerConfig with the worker's relative speed (1 when none is given)."""
-    return dataclasses.replace(cfg, speed=speeds[worker]) if worker < len(speeds) else cfg

@@ -23,7 +23,7 @@ from .config import SIM_EVAL_EVERY, RunConfig, Timeouts
 from .errors import DeadlineExceeded, PSError
 from .linkemu import LinkSpec
 from .progress import Bar
-from .scenario import Director, Fleet, Scenario, with_speed
+from .scenario import Director, Fleet, Scenario
 from .sharding import Layout, unflatten
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         director = Director(sim.scenario, sim.workers, sim.steps, random.Random(run.seed))
         fleet = _fleet(ctx, address, sim, net, results, director)
         curve = _Curve(ctx, address, run, sim)
-        watched = _watch(ctx, address, fleet, director, sim, deadline, on_began=net.begin, curve=curve)
+        watched = _watch(ctx, address, fleet, sim, deadline, on_began=net.begin, curve=curve)
         failed = fleet.failed()
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
@@ -121,19 +121,22 @@ def _fleet(ctx, address: str, sim: SimConfig, net: _Network, results, director: 
 
     # the shard addresses the coordinator will hand out at join, so that links can proxy them too
     shards = [s["address"] for s in admin.status(address, timeout=10.0, ctx=ctx)["shard_map"]] if net.specs else []
-    logs = os.path.dirname(simreport.step_log_path(sim.report, 0, 0))
+    logs = simreport.step_log_dir(sim.report)
     shutil.rmtree(logs, ignore_errors=True)  # a report folder used again: only this run's steps
     os.makedirs(logs)
 
+    speeds = sim.scenario.speeds
+
     def spawn(i: int, n: int, kill_at: int):
         delay = sim.delays[i] if i < len(sim.delays) else 0.0
+        speed = speeds[i] if i < len(speeds) else 1.0
         # the first process trains --steps steps; one started again trains until its clock reaches them
         budget = {"max_steps": sim.steps} if n == 0 else {"max_clock": sim.steps}
-        cfg = WorkerConfig(server=address, worker_id=i, delay=delay, timeouts=sim.timeouts,
+        cfg = WorkerConfig(server=address, worker_id=i, delay=delay, speed=speed, timeouts=sim.timeouts,
                            routes=net.routes(i, [address, *shards]),
                            metrics_csv=simreport.step_log_path(sim.report, i, n), **budget)
         p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}" + (f".{n}" if n else ""),
-                                  args=(with_speed(cfg, sim.scenario.speeds, i), results, sim.log_level, kill_at))
+                                  args=(cfg, results, sim.log_level, kill_at))
         p.start()
         return p
 
@@ -223,8 +226,8 @@ class _Watched:
     final: tuple | None = None  # until_target: (status, weights) when the target was reached
 
 
-def _watch(ctx, address: str, fleet: Fleet, director: Director, sim: SimConfig, deadline: float,
-           on_began=None, curve=None) -> _Watched:
+def _watch(ctx, address: str, fleet: Fleet, sim: SimConfig, deadline: float, on_began=None,
+           curve=None) -> _Watched:
     """Follow the run, killing and restarting workers as the scenario says, until no
     worker process runs and none is due back."""
     watch = _Watch(ctx, address, fleet, sim, on_began, curve)
@@ -332,11 +335,9 @@ class _Curve:
         now = time.monotonic()
         if self.task is None or now < self._next:
             return False
-        from workers.client import fetch_weights
-
         self._next = now + self.every
         try:
-            _, flat = fetch_weights(self.ctx, self.address, timeout=5.0)
+            _, flat = _fetch(self.ctx, self.address, timeout=5.0)
         except DeadlineExceeded:
             return False
         self.task.model.load_state_dict(unflatten(flat, Layout.of(self.task.model)))
@@ -367,10 +368,11 @@ def _drain(results, count: int) -> list[dict]:
     return out
 
 
-def _fetch(ctx, address: str) -> tuple[dict, torch.Tensor]:
+def _fetch(ctx, address: str, timeout: float = 10.0) -> tuple[dict, torch.Tensor]:
+    """The server's status and weights (workers imported here: they import paramserver)."""
     from workers.client import fetch_weights
 
-    return fetch_weights(ctx, address)
+    return fetch_weights(ctx, address, timeout)
 
 
 def _evaluate(fetched: tuple[dict, torch.Tensor], run: RunConfig, sim: SimConfig, worker_results: list[dict]) -> dict:

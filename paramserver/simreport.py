@@ -36,9 +36,14 @@ _INTS = {"worker", "incarnation", "step", "clock", "staleness", "bytes_sent", "b
 _FROM_LOG = [c for c in COLUMNS if c not in ("t", "process")]
 
 
+def step_log_dir(folder: str) -> str:
+    """Where the workers of a simulation reporting to `folder` log their steps."""
+    return os.path.join(folder, "steps")
+
+
 def step_log_path(folder: str, worker: int, run: int) -> str:
     """Where simulated worker `worker`'s `run`-th process logs its steps."""
-    return os.path.join(folder, "steps", f"worker-{worker}-{run}.csv")
+    return os.path.join(step_log_dir(folder), f"worker-{worker}-{run}.csv")
 
 
 def merge_step_logs(folder: str, began_wall: float) -> list[dict]:
@@ -46,7 +51,7 @@ def merge_step_logs(folder: str, began_wall: float) -> list[dict]:
 
     A row cut short by a killed process is left out."""
     rows = []
-    for path in sorted(glob.glob(os.path.join(folder, "steps", "worker-*.csv"))):
+    for path in sorted(glob.glob(os.path.join(step_log_dir(folder), "worker-*.csv"))):
         process = int(os.path.basename(path)[:-4].rsplit("-", 1)[1])
         with open(path, newline="") as f:
             for raw in csv.DictReader(f):

@@ -54,6 +54,8 @@ def join(server, worker_id, max_steps, threads, codec, pull_codec, event_log, de
                        local_steps=local_steps, local_lr=local_lr, overlap=overlap, metrics_csv=metrics_csv,
                        timeouts=timeouts(kw), keys=client_keys(curve_secret_key, server_key), routes=route)
     with Bar("worker {id}", max_steps, "{rate} steps/s  clock {clock}  loss {loss}", progress) as bar:
-        result = run_worker(cfg, on_step=lambda t: bar.update(t.steps, id=t.session.worker_id, clock=t.clock,
-                                                              loss=f"{t.loss:.4f}"))
+        def show(t):
+            bar.update(t.steps, id=t.session.worker_id, clock=t.clock, loss=f"{t.loss:.4f}")
+
+        result = run_worker(cfg, on_step=show if bar.enabled else None)
     click.echo(f"worker {result.worker_id} done: {result.steps} steps, last loss {result.loss:.4f} ({result.reason})", err=True)

@@ -93,6 +93,10 @@ class StepLog:
         if self._file is not None and self._file.tell() == 0:
             self._writer.writerow(self.FIELDS)
 
+    @property
+    def on(self) -> bool:
+        return self._writer is not None
+
     def row(self, **values) -> None:
         if self._writer is not None:
             self._writer.writerow([values[f] for f in self.FIELDS])

@@ -187,7 +187,9 @@ class Trainer:
             if self.session.dropped.is_set():
                 self._rejoin()
                 got = None
-            step_started, sent, received = time.monotonic(), self.bytes_sent, self.bytes_received
+            step_started = time.monotonic()
+            # the step log's byte counts: summed over the shards' channels, so only when logging
+            sent, received = (self.bytes_sent, self.bytes_received) if self.steplog.on else (0, 0)
             try:
                 if got is None:
                     got = self.client.pull(self.params, self.session.worker_id, self.clock, wait, cancel=cancel)
@@ -226,6 +228,8 @@ class Trainer:
         self.clock += 1
         self.steps += 1
         self.paced = self.pace.delay(seconds - slept)  # measured without the delay it injects
+        if not self.steplog.on:
+            return
         self.steplog.row(time=round(time.time(), 6), worker=self.session.worker_id,
                          incarnation=self.session.incarnation, step=self.steps, clock=self.clock,
                          loss=round(self.loss, 6), staleness=got.staleness, step_seconds=round(seconds, 6),
