@@ -158,6 +158,10 @@ class RunConfig:
     clip_norm: float = 0.0
     # 1M float32 = 4 MB: the frame size the transport is fastest with (DESIGN.md)
     chunk_elems: int = 1 << 20
+    # a whole float32 pull answer of at least twice this many bytes, in several chunks,
+    # travels as messages of about this size: the worker copies one in while the next is on
+    # the wire (docs/protocol.md, pull_ok); 0: always one message
+    pull_part_bytes: int = 4 << 20
     # FedAvg-style: K > 1 makes every push the model delta of K local SGD steps at
     # local_lr, which the server's optimizer applies as a gradient (sgd at lr 1.0
     # without momentum is FedAvg proper); 1 pushes the gradient of one batch
@@ -177,6 +181,8 @@ class RunConfig:
             raise ConfigError("--clip-norm must be >= 0")
         if self.local_steps < 1 or not self.local_lr > 0:
             raise ConfigError("--local-steps must be >= 1 and --local-lr > 0")
+        if not 0 <= self.pull_part_bytes <= 1 << 40:
+            raise ConfigError("--pull-part-bytes must be 0 (one message) to 2^40")
         if not 1024 <= self.chunk_elems <= 4 << 20:
             raise ConfigError("chunk size must be 1024 to 4194304 elements (16 MB frames at most)")
 

@@ -52,6 +52,9 @@ RUN_OPTIONS = [
     opt("--pull-codec", "PULL_CODEC", default=_RUN.pull_codec, type=click.Choice(PULL_CODECS),
         help="default for how pulls travel: none | fp16 | bf16 (whole weights) | delta (only the entries that changed since the worker's last pull)"),
     opt("--chunk-elems", "CHUNK_ELEMS", default=_RUN.chunk_elems, type=int, help="largest frame, in float32 elements"),
+    opt("--pull-part-bytes", "PULL_PART_BYTES", default=_RUN.pull_part_bytes, type=click.IntRange(min=0),
+        help="whole float32 pull answers of twice this or more travel in messages of about this size, "
+             "copied in as they arrive (0: one message)"),
     opt("--local-steps", "LOCAL_STEPS", default=_RUN.local_steps, type=click.IntRange(min=1),
         help="K > 1: each push is the model delta of K local SGD steps (FedAvg-style; the server's optimizer "
              "applies it as a gradient: sgd --lr 1 --momentum 0 is FedAvg); 1: push one batch's gradient"),
@@ -114,6 +117,7 @@ def run_config(kw: dict, max_steps: int = 0) -> RunConfig:
         max_steps=max_steps, min_workers=kw.pop("min_workers"), codec=kw.pop("codec"),
         pull_codec=kw.pop("pull_codec"),
         aggregate=kw.pop("aggregate"), clip_norm=kw.pop("clip_norm"), chunk_elems=kw.pop("chunk_elems"),
+        pull_part_bytes=kw.pop("pull_part_bytes"),
         local_steps=kw.pop("local_steps"), local_lr=kw.pop("local_lr"),
     )
 

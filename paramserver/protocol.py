@@ -216,6 +216,10 @@ class PullOk(Header, tag="pull_ok"):
     token: Count = 0  # delta: send it back as `have`; 0 when not a delta answer
     # in the answer to a push that asked for weights: that push's staleness (as in push_ok)
     staleness: Count = 0
+    # a large answer travels as `parts` messages of whole chunks, so that the worker copies
+    # one while the next is still on the wire (zmq hands over a message only once it is all in)
+    part: Annotated[int, Meta(ge=0, lt=MAX_TENSORS)] = 0
+    parts: Annotated[int, Meta(ge=1, le=MAX_TENSORS)] = 1
 
 
 class Push(Header, tag="push"):
@@ -279,6 +283,8 @@ def decode(frames) -> Decoded:
     header = _decode_header(raw)
     if header.v != VERSION:
         raise ProtocolError(f"protocol version {header.v} not supported (this is {VERSION})", ErrorCode.BAD_VERSION)
+    if isinstance(header, PullOk) and header.part >= header.parts:
+        raise ProtocolError(f"pull_ok part {header.part} of {header.parts}: parts are numbered from 0")
     metas = getattr(header, "tensors", ())
     if len(frames) - 1 != len(metas):
         raise ProtocolError(f"header lists {len(metas)} tensors but {len(frames) - 1} frames follow")
@@ -347,19 +353,21 @@ def seq_of(frames) -> int:
     return seq if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq < 2**63 else 0
 
 
-def check_tensors(metas, expected: dict[int, int]) -> None:
+def check_tensors(metas, expected: dict[int, int], seen: set | None = None, complete: bool = True) -> None:
     """Receiver-side check: every key is one of ours, exactly once.
 
     expected: key -> number of elements of that chunk on this receiver. Sizes on
-    the wire depend on the codec, so the codec's `decode` checks them.
+    the wire depend on the codec, so the codec's `decode` checks them. For a
+    message in parts: `seen` holds the keys of the parts before (this part's are
+    added), and `complete` is for the last part, after which every key has come.
     """
-    seen = set()
+    seen = set() if seen is None else seen
     for meta in metas:
         if meta.key not in expected:
             raise ProtocolError(f"key {meta.key} is not held here", ErrorCode.BAD_TENSOR)
         if meta.key in seen:
             raise ProtocolError(f"key {meta.key} appears twice", ErrorCode.BAD_TENSOR)
         seen.add(meta.key)
-    if len(seen) != len(expected):  # every key seen is expected: the same count means the same set
+    if complete and len(seen) != len(expected):  # every key seen is expected: the same count means the same set
         missing = sorted(set(expected) - seen)[:5]
-        raise ProtocolError(f"push is missing keys {missing}", ErrorCode.BAD_TENSOR)
+        raise ProtocolError(f"message is missing keys {missing}", ErrorCode.BAD_TENSOR)

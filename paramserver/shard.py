@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zmq
 
-from . import checkpoint, codecs, consistency, optim, protocol, transport
+from . import checkpoint, codecs, consistency, optim, protocol, sharding, transport
 from .config import RunConfig, Timeouts
 from .consistency import APPLY, DUPLICATE, QUEUE, STALE
 from .errors import ConfigError, ProtocolError
@@ -76,6 +76,7 @@ class ShardCore:
         self.expected = {c.key: c.numel for c in chunks}
         # what a whole float32 pull answer says of its frames: the same for every answer
         self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
+        self._float32_parts = sharding.parts(chunks, run.pull_part_bytes)
         self._mean_out: list[torch.Tensor] | None = None  # bsp: where a round's mean is summed
         # frames of pulls still being sent read param's memory in place (zero-copy);
         # pins are their trackers, retired buffers earlier param memory still in flight
@@ -234,6 +235,11 @@ class ShardCore:
         """
         flat = self.param.numpy()
         return self._float32_metas, [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
+
+    def parts(self, codec: str) -> list[tuple[int, int]]:
+        """The answer's messages as [start, stop) runs of its chunks. Only whole float32
+        answers are cut: the others are encoded (a copy) before they go, and are smaller."""
+        return self._float32_parts if codec == "none" else [(0, len(self.chunks))]
 
     def encoded(self, codec: str, worker: int, have: int) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
         """The current weights for a pull asking for `codec` other than none, in frames of
@@ -450,9 +456,15 @@ class ShardServer:
         else:
             metas, buffers, token = self.core.encoded(h.codec, h.worker_id, h.have)
             trackers = None  # frames of their own: nothing to pin
-        header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas,
-                                 finished=self.core.finished, token=token, staleness=staleness)
-        sent = self.reply(identity, protocol.encode(header, buffers), trackers)
+        runs, sent = self.core.parts(h.codec), 0
+        for part, (a, b) in enumerate(runs):
+            header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas[a:b],
+                                     finished=self.core.finished, token=token, staleness=staleness,
+                                     part=part, parts=len(runs))
+            n = self.reply(identity, protocol.encode(header, buffers[a:b]), trackers)
+            if not n:
+                break  # dropped: the parts after it could not complete the answer
+            sent += n
         if trackers:
             self.core.pin(trackers)
         self.bytes_pulled += sent

@@ -64,6 +64,25 @@ def plan(total: int, shards: int, chunk_elems: int) -> list[list[Chunk]]:
     return out
 
 
+def parts(chunks: list[Chunk], part_bytes: int) -> list[tuple[int, int]]:
+    """How a whole float32 answer of `chunks` travels: [start, stop) runs of them, one per message.
+
+    Several messages only when that pays: more than one chunk and at least twice
+    `part_bytes` in all (0: never); then each run closes once it holds `part_bytes`.
+    """
+    if part_bytes <= 0 or len(chunks) < 2 or 4 * sum(c.numel for c in chunks) < 2 * part_bytes:
+        return [(0, len(chunks))]
+    out, start, held = [], 0, 0
+    for i, c in enumerate(chunks):
+        held += 4 * c.numel
+        if held >= part_bytes:
+            out.append((start, i + 1))
+            start, held = i + 1, 0
+    if start < len(chunks):
+        out.append((start, len(chunks)))
+    return out
+
+
 def flatten_(model: torch.nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-home the model's parameters and gradients as views of two flat buffers.
 

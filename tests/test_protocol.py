@@ -7,6 +7,7 @@ state, then go on serving.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import typing
@@ -64,6 +65,7 @@ EXAMPLES = [  # (header, tensor frames)
     (P.CheckpointOk(v=1, seq=17, index=1, file="shard-1.safetensors", sha256="ab" * 32, version=7, updates=7), []),
     (P.Pull(v=1, seq=11, worker_id=-1, clock=0, observer=True), []),
     (P.PullOk(v=1, seq=12, version=4, tensors=META2, finished=True), FRAMES2),
+    (P.PullOk(v=1, seq=12, version=4, tensors=META2[:1], staleness=2, part=2, parts=3), FRAMES2[:1]),
     (P.Push(v=1, seq=13, worker_id=5, incarnation=1, clock=3, base_version=2, tensors=META2), FRAMES2),
     (P.PushOk(v=1, seq=14, version=5, applied=False), []),
     (P.Error(v=1, seq=15, code=ErrorCode.STALE, message="push for round 3 but round 4 is open; pull again"), []),
@@ -81,6 +83,23 @@ def test_round_trip(header, frames):
     assert type(decoded.header) is type(header)
     assert [bytes(b) for b in decoded.buffers] == frames
     assert decoded.wire_bytes == len(P.encode(header)[0]) + sum(len(f) for f in frames)
+
+
+@pytest.mark.parametrize(("fields", "says"), [
+    ({"part": 3, "parts": 3}, "part 3 of 3"),
+    ({"part": 5, "parts": 2}, "part 5 of 2"),
+    ({"parts": 0}, "$.parts"),
+    ({"part": -1}, "$.part"),
+    ({"part": P.MAX_TENSORS, "parts": P.MAX_TENSORS}, "$.part"),
+    ({"parts": P.MAX_TENSORS + 1}, "$.parts"),
+    ({"part": 1.0, "parts": 2}, "$.part"),
+    ({"parts": True}, "$.parts"),
+])
+def test_decode_refuses_pull_ok_part_numbers_that_cannot_be(fields, says):
+    header = {**msgspec.to_builtins(P.PullOk(v=1, seq=12, version=4, tensors=META2[:1])), **fields}
+    with pytest.raises(ProtocolError, match=re.escape(says)) as e:
+        P.decode([msgspec.msgpack.encode(header), FRAMES2[0]])
+    assert e.value.code == ErrorCode.BAD_MESSAGE
 
 
 # -- malformed input --------------------------------------------------------------

@@ -87,17 +87,33 @@ class ShardClient:
         flat = into.numpy()
         replies = []
         for i, (ch, seq) in enumerate(zip(self.channels, seqs)):
-            msg = ch.receive(seq, deadline, cancel)
-            self._take_weights(i, flat, msg)
-            replies.append(msg.header)
+            replies.append(self._take_weights(i, flat, ch.receive(seq, deadline, cancel), deadline, cancel))
         return _combine(replies)
 
-    def _take_weights(self, shard: int, flat, msg: protocol.Decoded) -> None:
-        """A shard's pull_ok into the flat weights; ProtocolError if it is not the shard's keys."""
-        if not isinstance(msg.header, protocol.PullOk):
-            raise ProtocolError(f"expected pull_ok, got {type(msg.header).__name__}")
-        protocol.check_tensors(msg.header.tensors, self._expected[shard])
+    def _take_weights(self, shard: int, flat, msg: protocol.Decoded, deadline: float, cancel) -> protocol.PullOk:
+        """A shard's answer into the flat weights: `msg`, its first part, then the others.
+
+        Each part is copied in as it arrives, while the next may still be on the wire.
+        ProtocolError unless the parts agree and together hold the shard's keys, each
+        once; DeadlineExceeded if a part has not come by `deadline`.
+        """
+        first = msg.header
+        if not isinstance(first, protocol.PullOk):
+            raise ProtocolError(f"expected pull_ok, got {type(first).__name__}")
         self.tokens[shard] = 0  # a partly written answer leaves no valid base for a delta
+        seen: set[int] = set()
+        for part in range(first.parts):
+            if part:  # one connection keeps the shard's order: part k comes k-th
+                msg = self.channels[shard].receive(first.seq, deadline, cancel)
+            h = msg.header
+            if not isinstance(h, protocol.PullOk) or h.part != part or _answer(h) != _answer(first):
+                raise ProtocolError(f"{msg!r} is not part {part} of the answer {first!r}")
+            protocol.check_tensors(h.tensors, self._expected[shard], seen, complete=part == first.parts - 1)
+            self._copy(shard, flat, msg)
+        self.tokens[shard] = first.token
+        return first
+
+    def _copy(self, shard: int, flat, msg: protocol.Decoded) -> None:
         by_key = self._by_key[shard]
         for meta, buf in zip(msg.header.tensors, msg.buffers):
             c = by_key[meta.key]
@@ -105,7 +121,6 @@ class ShardClient:
                 codecs.delta.apply(flat[c.start : c.stop], meta, buf)
             else:
                 flat[c.start : c.stop] = codecs.for_wire(meta.codec).decode(meta, buf, c.numel)
-        self.tokens[shard] = msg.header.token
 
     def push(self, grads: torch.Tensor, worker: int, incarnation: int, clock: int, base_version: int, timeout: float,
              cancel=None, retry_for: float = 0.0, pull_into: torch.Tensor | None = None, pull_wait: float = 0.0) -> Reply:
@@ -155,7 +170,8 @@ class ShardClient:
             if out.pull:
                 if isinstance(msg.header, protocol.PushOk):  # landed; the weights wait for the consistency rule
                     msg = ch.receive(header.seq, time.monotonic() + (pull_wait or timeout), cancel)
-                self._take_weights(i, pull_into.numpy(), msg)
+                # the answer's first part is in: the others follow at once, within a request's time
+                self._take_weights(i, pull_into.numpy(), msg, time.monotonic() + timeout, cancel)
             replies.append(msg.header)
         # answered: their frames are (nearly always) released by now; keep only the rest
         self._sending = [t for t in self._sending if not t.done]
@@ -204,6 +220,11 @@ class ShardClient:
             self.wait_sent(CLOSE_WAIT)
         except DeadlineExceeded as e:
             log.warning("%s", e)
+
+
+def _answer(h: protocol.PullOk) -> tuple:
+    """What every part of one answer says alike."""
+    return h.seq, h.version, h.finished, h.token, h.staleness, h.parts
 
 
 def _combine(headers, staleness: int = 0) -> Reply:
