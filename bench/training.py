@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from .common import paired_ratios, row, shared, summary
+from .common import row, shared, summary
 from .engine import Runner, Workload, with_steps
 
 log = logging.getLogger(__name__)
@@ -90,11 +90,6 @@ def target(w: Workload, system: str, n: int) -> float | None:
     return None
 
 
-def _at_least(ours: list, peer: list, least: float) -> bool:
-    ratio = summary(paired_ratios(ours, peer))["median"]
-    return ratio is not None and ratio >= least
-
-
 def values(runs: list, key: str) -> list:
     return [r.get(key) if r and "error" not in r else None for r in runs]
 
@@ -111,11 +106,12 @@ def result(runs: dict, plans) -> dict:
             if system in ("single", "ddp"):
                 continue
             ddp = got.get(f"ddp x{n}", [])
-            ours, peer = values(rs, "samples_per_s"), values(ddp, "samples_per_s")
-            least = target(w, system, n)
-            rows.append(row(f"{w.name}, {system}, {n} workers", "samples/s", ours, peer, f"DDP x{n}",
-                            target=f">= {least:g}x DDP" if least else "",
-                            met=_at_least(ours, peer, least) if least else None))
+            r = row(f"{w.name}, {system}, {n} workers", "samples/s", values(rs, "samples_per_s"),
+                    values(ddp, "samples_per_s"), f"DDP x{n}")
+            least, ratio = target(w, system, n), r["ratio"]["median"]
+            if least:
+                r["target"], r["met"] = f">= {least:g}x DDP", ratio is not None and ratio >= least
+            rows.append(r)
             if w.eval_every:
                 rows.append(row(f"{w.name}, {system}, {n} workers", f"s to {w.target} accuracy",
                                 values(rs, "time_to_target"), values(ddp, "time_to_target"), f"DDP x{n}", better="lower"))

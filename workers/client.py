@@ -102,11 +102,12 @@ class ShardClient:
             raise ProtocolError(f"expected pull_ok, got {type(first).__name__}")
         self.tokens[shard] = 0  # a partly written answer leaves no valid base for a delta
         seen: set[int] = set()
+        answer = _answer(first)
         for part in range(first.parts):
             if part:  # one connection keeps the shard's order: part k comes k-th
                 msg = self.channels[shard].receive(first.seq, deadline, cancel)
             h = msg.header
-            if not isinstance(h, protocol.PullOk) or h.part != part or _answer(h) != _answer(first):
+            if not isinstance(h, protocol.PullOk) or h.part != part or (part and _answer(h) != answer):
                 raise ProtocolError(f"{msg!r} is not part {part} of the answer {first!r}")
             protocol.check_tensors(h.tensors, self._expected[shard], seen, complete=part == first.parts - 1)
             self._copy(shard, flat, msg)
