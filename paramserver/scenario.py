@@ -185,11 +185,13 @@ class Fleet:
     process started again takes over that worker's id, partition and clock."""
 
     def __init__(self, spawn, director: Director):
-        self.spawn = spawn  # spawn(worker, run number, kill_at) -> a started multiprocessing.Process
+        # spawn(worker, run number, kill_at) -> a started multiprocessing.Process whose
+        # `reached.value` is the clock at which it killed itself, once it has
+        self.spawn = spawn
         self.director = director
         self.procs: dict[int, list] = {}  # worker -> its processes, the newest last
         self.killed: set[int] = set()  # pids ended on purpose (by us, or by themselves as scheduled)
-        self.self_kill: dict[int, int] = {}  # pid -> the clock it kills itself at
+        self.self_killing: set[int] = set()  # pids of processes that kill themselves at a clock
         self.events: list[dict] = []
 
     def start(self, worker: int, t: float, clock: int | None = None) -> None:
@@ -197,13 +199,13 @@ class Fleet:
         kill_at = self.director.kill_at(worker)
         runs.append(self.spawn(worker, len(runs), kill_at))
         if kill_at:
-            self.self_kill[runs[-1].pid] = kill_at
+            self.self_killing.add(runs[-1].pid)
         if runs[:-1]:
             self.events.append({"t": t, "worker": worker, "event": "restarted", "clock": clock})
 
     def _killed_itself(self, p) -> bool:
         """The process ended by its own scheduled SIGKILL."""
-        return p.pid in self.self_kill and p.exitcode == -signal.SIGKILL
+        return p.pid in self.self_killing and p.exitcode == -signal.SIGKILL
 
     def self_killed(self, t: float) -> set[int]:
         """Workers whose newest process has killed itself as scheduled since the last call."""
@@ -212,7 +214,7 @@ class Fleet:
             p = runs[-1]
             if self._killed_itself(p) and p.pid not in self.killed:
                 self.killed.add(p.pid)
-                self.events.append({"t": t, "worker": w, "event": "killed", "clock": self.self_kill[p.pid]})
+                self.events.append({"t": t, "worker": w, "event": "killed", "clock": p.reached.value})
                 out.add(w)
         return out
 

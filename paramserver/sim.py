@@ -53,13 +53,16 @@ class SimConfig:
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
-def worker_main(cfg, results, log_level="warning", kill_at: int = 0):
+def worker_main(cfg, results, log_level="warning", kill_at: int = 0, reached=None):
     """Entry point of a spawned worker process; with `kill_at`, it kills itself
-    (SIGKILL, no goodbye: a crash) once its clock reaches that step."""
+    (SIGKILL, no goodbye: a crash) once its clock reaches that step, first writing
+    that clock into the shared cell `reached` (a late joiner starts at the others'
+    clock, so it may be past `kill_at` at its first step)."""
     from workers import run_worker
 
     def crash(trainer):
         if trainer.clock >= kill_at:
+            reached.value = trainer.clock
             os.kill(os.getpid(), signal.SIGKILL)
 
     logsetup.setup(log_level)
@@ -135,9 +138,11 @@ def _fleet(ctx, address: str, sim: SimConfig, net: _Network, results, director: 
         cfg = WorkerConfig(server=address, worker_id=i, delay=delay, speed=speed, timeouts=sim.timeouts,
                            routes=net.routes(i, [address, *shards]),
                            metrics_csv=simreport.step_log_path(sim.report, i, n), **budget)
+        reached = cluster.SPAWN.Value("q", 0, lock=False)  # one writer, read after it is dead
         p = cluster.SPAWN.Process(target=worker_main, name=f"ps-worker-{i}" + (f".{n}" if n else ""),
-                                  args=(cfg, results, sim.log_level, kill_at))
+                                  args=(cfg, results, sim.log_level, kill_at, reached))
         p.start()
+        p.reached = reached
         return p
 
     fleet = Fleet(spawn, director)

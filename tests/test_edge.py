@@ -101,11 +101,14 @@ def test_a_scheduled_kill_and_rejoin_lose_no_step_and_fill_the_report(tmp_path):
                         "--kill", "1@40", "--rejoin", "1@80", "--heartbeat-interval", "0.2")
     events = [(e["worker"], e["event"]) for e in report["worker_events"]]
     assert events == [(1, "killed"), (1, "restarted")]
-    assert report["worker_events"][0]["clock"] == 40  # the process ends itself at exactly that step
     rows = rows_of(tmp_path / "metrics.csv")
-    first = [r for r in rows if r["worker"] == "1" and r["process"] == "0"]
-    again = [r for r in rows if r["worker"] == "1" and r["process"] == "1"]
-    assert int(first[-1]["clock"]) == 40 and again and int(again[-1]["clock"]) == steps
+    first = [int(r["clock"]) for r in rows if r["worker"] == "1" and r["process"] == "0"]
+    again = [int(r["clock"]) for r in rows if r["worker"] == "1" and r["process"] == "1"]
+    # the process ends itself at the first step its clock reaches 40: exactly 40, unless it
+    # joined late and started at the others' clock, past it; the report says which
+    assert max(first[:-1], default=0) < 40 <= first[-1] and (first[0] > 40 or first[-1] == 40)
+    assert report["worker_events"][0]["clock"] == first[-1]
+    assert again and again[-1] == steps
     restarted = [r for r in report["worker_results"] if r["worker_id"] == 1]
     assert [(r["reason"], r["clock"]) for r in restarted] == [("clock", steps)]
     # every step a worker finished was applied once on every shard: nothing lost, nothing

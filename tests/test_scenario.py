@@ -12,6 +12,7 @@ import math
 import random
 import signal
 import statistics
+import types
 
 import numpy as np
 import pytest
@@ -289,6 +290,10 @@ def test_a_worker_churn_took_before_its_scheduled_kill_is_not_due_back_with_join
 class FakeProcess:
     def __init__(self, pid: int, name: str):
         self.pid, self.name, self.exitcode = pid, name, None
+        self.reached = types.SimpleNamespace(value=0)  # the clock it kills itself at, once it has
+
+    def kill_itself(self, clock: int) -> None:
+        self.reached.value, self.exitcode = clock, -signal.SIGKILL
 
     def is_alive(self) -> bool:
         return self.exitcode is None
@@ -335,7 +340,7 @@ def test_fleet_carries_out_a_scheduled_kill_and_return(spawner):
         fleet.start(w, t=0.0)
     assert spawner.calls == [(0, 0, 0), (1, 0, 5)]  # worker 1's process kills itself at clock 5
     fleet.step(0.1, 1.0, {0: 3, 1: 3})
-    newest(fleet, 1).exitcode = -signal.SIGKILL  # it did
+    newest(fleet, 1).kill_itself(5)  # it did
     fleet.step(0.1, 2.0, {0: 6})
     assert fleet.director.down == {1} and len(spawner.calls) == 2
     fleet.step(0.1, 3.0, {0: 8})
@@ -351,10 +356,19 @@ def test_fleet_reports_a_scheduled_self_kill_once():
     fleet = Fleet(spawn, director(kills=((0, 5),), workers=1))
     fleet.start(0, t=0.0)
     assert fleet.self_killed(1.0) == set()
-    newest(fleet, 0).exitcode = -signal.SIGKILL
+    newest(fleet, 0).kill_itself(5)
     assert fleet.self_killed(2.0) == {0}
     assert fleet.self_killed(3.0) == set()
     assert [e["event"] for e in fleet.events] == ["killed"]
+
+
+def test_fleet_reports_the_clock_a_process_really_killed_itself_at():
+    """A late joiner starts at the others' clock, so its first step can be past the kill's."""
+    fleet = Fleet(Spawner(), director(kills=((0, 5),), workers=1))
+    fleet.start(0, t=0.0)
+    newest(fleet, 0).kill_itself(9)
+    fleet.self_killed(1.0)
+    assert fleet.events == [{"t": 1.0, "worker": 0, "event": "killed", "clock": 9}]
 
 
 @pytest.mark.parametrize("exitcode", [0, 1, -signal.SIGKILL])
@@ -418,7 +432,7 @@ def test_a_run_whose_last_process_kills_itself_as_scheduled_still_waits_for_its_
     fleet.step(0.1, 1.0, {0: 100, 1: 60})
     newest(fleet, 0).exitcode = 0  # worker 0 finished
     fleet.step(0.1, 2.0, {1: 80})
-    newest(fleet, 1).exitcode = -signal.SIGKILL  # worker 1 reached clock 90
+    newest(fleet, 1).kill_itself(90)
     assert not fleet.alive() and fleet.busy()  # the kill is still to be looked at
     fleet.step(0.1, 3.0, {})
     assert [e["event"] for e in fleet.events][-2:] == ["killed", "restarted"] and fleet.busy()

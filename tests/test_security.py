@@ -55,11 +55,12 @@ def test_only_allowed_keys_pull_or_push(make_cluster, keys):
         finally:
             ctx.term()
     assert torch.equal(c.weights(), before), "a refused peer changed the weights"
-    # the allowed worker trains for real
+    # the allowed worker trains for real (800 steps each: asp's arrival order on a loaded
+    # machine once left 2 x 500 steps one test sample short of 0.95)
     for _ in range(2):
-        c.add_worker(max_steps=500, keys=client(keys, "alice"))
+        c.add_worker(max_steps=800, keys=client(keys, "alice"))
     results = c.wait_workers(timeout=120)
-    assert [r["steps"] for r in results] == [500, 500]
+    assert [r["steps"] for r in results] == [800, 800]
     assert c.accuracy() >= 0.95
 
 
