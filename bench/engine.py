@@ -129,10 +129,10 @@ def _trainer_class():
 
 
 def ps_job(server: str, steps: int, delay: float, eval_every: float, target: float,
-           early_stop: bool, stop_at, overlap: bool = False) -> dict:
+           early_stop: bool, stop_at, overlap: bool = False, pipeline: bool = False) -> dict:
     from workers import WorkerConfig
 
-    cfg = WorkerConfig(server=server, max_steps=steps, delay=delay, timeouts=TIMEOUTS, overlap=overlap)
+    cfg = WorkerConfig(server=server, max_steps=steps, delay=delay, timeouts=TIMEOUTS, overlap=overlap, pipeline=pipeline)
     ctx = zmq.Context()
     try:
         trainer = _trainer_class()(cfg, ctx, eval_every, target, stop_at if early_stop else None)
@@ -323,7 +323,7 @@ class Runner:
         self.stopping: list[Server] = []
 
     def ours(self, w: Workload, workers: int, mode: str, delays=(), early_stop: bool = False,
-             overlap: bool = False) -> dict:
+             overlap: bool = False, pipeline: bool = False) -> dict:
         from workers.client import fetch_weights
 
         c = Consistency.parse(mode)
@@ -334,7 +334,7 @@ class Runner:
         try:
             jobs = [("bench.engine:ps_job", {"server": server.address, "steps": w.steps, "delay": _delay(delays, i),
                                              "eval_every": w.eval_every if i == 0 else 0.0, "target": w.target,
-                                             "early_stop": early_stop, "overlap": overlap})
+                                             "early_stop": early_stop, "overlap": overlap, "pipeline": pipeline})
                     for i in range(workers)]
             outs = self.pool.run(jobs, w.timeout)
             final = self.evaluate(w, fetch_weights(self.ctx, server.address)[1])

@@ -231,6 +231,8 @@ def sim():
           "and accuracy plot (0: off)")
 @opt("--target", "SIM_TARGET", default=0.95, type=click.FloatRange(0, 1),
      help="with --eval-every: the report's time_to_target is when test accuracy first reaches this")
+@click.option("--pipeline", is_flag=True,
+              help="asp only: every worker computes its next gradient while its last push travels (ps-worker join --pipeline)")
 @click.option("--until-target", is_flag=True, help="with --eval-every: end the run once test accuracy reaches --target")
 @apply(RUN_OPTIONS)
 @apply(TIMEOUT_OPTIONS)
@@ -238,7 +240,7 @@ def sim():
 @click.option("--progress/--no-progress", default=True)
 @friendly
 def sim_run(workers, shards, steps, report, delays, speeds, kill, rejoin, churn, timeout, link, eval_every, target,
-            until_target, log_level, progress, **kw):
+            pipeline, until_target, log_level, progress, **kw):
     """Start a server and WORKERS workers as processes, train, evaluate, write a report
     (report.json, metrics.csv, PNG plots)."""
     from .scenario import Churn, Scenario, parse_schedule, parse_speeds
@@ -255,9 +257,13 @@ def sim_run(workers, shards, steps, report, delays, speeds, kill, rejoin, churn,
     t, run = timeouts(kw), run_config(kw)
     links = tuple(per_worker(link, workers))
     _check(run)
+    if pipeline and run.consistency.mode != "asp":
+        raise ConfigError(f"--pipeline needs --consistency asp, not {run.consistency}: a pipelined gradient is one "
+                          "update staler than ssp's bound and bsp's rounds allow")
     cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
                     timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links,
-                    eval_every=eval_every, target=target, until_target=until_target, scenario=scenario)
+                    eval_every=eval_every, target=target, until_target=until_target, scenario=scenario,
+                    pipeline=pipeline)
     result = simulate(run, cfg)
     click.echo(f"final test accuracy {result['final_accuracy']:.4f} ({run.consistency}, {workers} workers, "
                f"{shards} shards, {result['train_seconds']:.1f}s training)")

@@ -48,6 +48,7 @@ class SimConfig:
     eval_every: float = SIM_EVAL_EVERY
     target: float = 0.95
     until_target: bool = False  # end the run as soon as an evaluation reaches `target`
+    pipeline: bool = False  # the workers' --pipeline (asp)
     # relative speeds, kills, returns and churn of the workers (scenario.py)
     scenario: Scenario = field(default_factory=Scenario)
     timeouts: Timeouts = field(default_factory=Timeouts)
@@ -135,7 +136,7 @@ def _fleet(ctx, address: str, sim: SimConfig, net: _Network, results, director: 
         speed = speeds[i] if i < len(speeds) else 1.0
         # the first process trains --steps steps; one started again trains until its clock reaches them
         budget = {"max_steps": sim.steps} if n == 0 else {"max_clock": sim.steps}
-        cfg = WorkerConfig(server=address, worker_id=i, delay=delay, speed=speed, timeouts=sim.timeouts,
+        cfg = WorkerConfig(server=address, worker_id=i, delay=delay, speed=speed, timeouts=sim.timeouts, pipeline=sim.pipeline,
                            routes=net.routes(i, [address, *shards]),
                            metrics_csv=simreport.step_log_path(sim.report, i, n), **budget)
         reached = cluster.SPAWN.Value("q", 0, lock=False)  # one writer, read after it is dead

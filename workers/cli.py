@@ -35,6 +35,8 @@ def worker():
      help="learning rate of the local SGD steps (0: the server's --local-lr)")
 @opt("--overlap/--no-overlap", "WORKER_OVERLAP", default=WorkerConfig.overlap,
      help="send each shard its gradients during backward, as soon as they are final (not with --local-steps > 1)")
+@opt("--pipeline/--no-pipeline", "WORKER_PIPELINE", default=WorkerConfig.pipeline,
+     help="asp only: compute the next gradient while the last push and its answer travel (each gradient one update staler)")
 @opt("--metrics-csv", "WORKER_METRICS_CSV", default="",
      help="append one CSV row per step here: time, loss, clock, staleness, step and compute seconds, bytes")
 @click.option("--progress/--no-progress", default=None, help="a progress bar (default: when stderr is a terminal)")
@@ -44,14 +46,14 @@ def worker():
 @opt("--log-level", "LOG_LEVEL", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
 @friendly
 def join(server, worker_id, max_steps, threads, codec, pull_codec, event_log, delay, speed, local_steps, local_lr,
-         overlap, metrics_csv, progress, route, server_key, curve_secret_key, log_level, **kw):
+         overlap, pipeline, metrics_csv, progress, route, server_key, curve_secret_key, log_level, **kw):
     """Join the server at SERVER and train until the run ends."""
     from paramserver.security import client_keys
 
     logsetup.setup(log_level)
     cfg = WorkerConfig(server=server, worker_id=worker_id, max_steps=max_steps, threads=threads,
                        codec=codec, pull_codec=pull_codec, event_log=event_log, delay=delay, speed=speed,
-                       local_steps=local_steps, local_lr=local_lr, overlap=overlap, metrics_csv=metrics_csv,
+                       local_steps=local_steps, local_lr=local_lr, overlap=overlap, pipeline=pipeline, metrics_csv=metrics_csv,
                        timeouts=timeouts(kw), keys=client_keys(curve_secret_key, server_key), routes=route)
     with Bar("worker {id}", max_steps, "{rate} steps/s  clock {clock}  loss {loss}", progress) as bar:
         def show(t):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import zmq
@@ -42,6 +42,8 @@ class Outgoing:
     base_version: int
     pull: bool
     messages: list
+    # of this push's frames sent without a copy: `grads` must stay as it is until each is done
+    trackers: list = field(default_factory=list)
 
     def __repr__(self) -> str:
         sent = sum(m is not None for m in self.messages)
@@ -157,16 +159,25 @@ class ShardClient:
                                clock=out.clock, base_version=out.base_version, tensors=metas, pull=out.pull,
                                pull_codec=self.pull_codec, have=self.tokens[shard])
         out.messages[shard] = (header, buffers)
-        ch.send(header, buffers, self._sending)
+        self._send(ch, header, buffers, out)
+
+    def send_all(self, out: Outgoing) -> None:
+        """Send every shard's message of `out` not sent yet, without waiting for answers."""
+        for i in range(len(self.channels)):
+            self.send_part(out, i)
+
+    def _send(self, ch: Channel, header, buffers, out: Outgoing) -> None:
+        known = len(out.trackers)
+        ch.send(header, buffers, out.trackers)
+        self._sending.extend(out.trackers[known:])
 
     def finish_push(self, out: Outgoing, timeout: float, cancel=None, retry_for: float = 0.0,
                     pull_into: torch.Tensor | None = None, pull_wait: float = 0.0) -> Reply:
         """Send the shards' messages not sent yet, then collect every answer (see `push`)."""
-        for i in range(len(self.channels)):
-            self.send_part(out, i)
+        self.send_all(out)
         replies, staleness = [], 0
         for i, (ch, (header, buffers)) in enumerate(zip(self.channels, out.messages)):
-            msg = self._ack(ch, header, buffers, timeout, retry_for, cancel)
+            msg = self._ack(ch, header, buffers, out, timeout, retry_for, cancel)
             staleness = max(staleness, getattr(msg.header, "staleness", 0))
             if out.pull:
                 if isinstance(msg.header, protocol.PushOk):  # landed; the weights wait for the consistency rule
@@ -178,8 +189,9 @@ class ShardClient:
         self._sending = [t for t in self._sending if not t.done]
         return _combine(replies, staleness)
 
-    def wait_sent(self, timeout: float) -> None:
-        """Return once no frame sent without a copy still reads the gradient buffer.
+    def wait_sent(self, timeout: float, out: Outgoing | None = None) -> None:
+        """Return once no frame sent without a copy still reads the gradient buffer
+        (of push `out`'s, when given; of any push, else).
 
         The `none` codec sends slices of the caller's gradients as they are: they must
         not be written (the next step's `zero_`) while zmq may still be sending them.
@@ -187,14 +199,15 @@ class ShardClient:
         (a reset socket) zmq lets go of them shortly after.
         """
         deadline = time.monotonic() + timeout
-        for t in self._sending:
+        for t in self._sending if out is None else out.trackers:
             try:
                 t.wait(max(0.0, deadline - time.monotonic()))
             except zmq.NotDone:
                 raise DeadlineExceeded(f"a push's frames still in flight after {timeout}s") from None
-        self._sending.clear()
+        if out is None:
+            self._sending.clear()
 
-    def _ack(self, ch: Channel, header, buffers, timeout: float, retry_for: float, cancel):
+    def _ack(self, ch: Channel, header, buffers, out: Outgoing, timeout: float, retry_for: float, cancel):
         """Wait for one shard's ack; on a timeout resend the SAME message (same sequence
         number) on a fresh socket, so a shard that had applied it acks without applying twice."""
         give_up = time.monotonic() + retry_for
@@ -206,7 +219,7 @@ class ShardClient:
                     raise
                 log.warning("no ack from %s for push %d; sending it again", ch.name, header.seq)
                 ch.reset()
-                ch.send(header, buffers, self._sending)
+                self._send(ch, header, buffers, out)
 
     def reset(self) -> None:
         self.tokens = [0] * len(self.channels)

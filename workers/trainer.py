@@ -57,6 +57,9 @@ class WorkerConfig:
     # workers and gained a few percent with 4 (bench/findings.md). Never with local steps > 1 (their delta exists only
     # after K steps) nor with one shard (nothing to overlap)
     overlap: bool = False
+    # asp only: compute the next gradient while the last push and its answer travel, one
+    # push always in flight (each gradient one update staler; Trainer._pipelined_loop)
+    pipeline: bool = False
     metrics_csv: str = ""  # a CSV file for one row per step (steps.StepLog.FIELDS)
     codec: str = ""  # "" takes the server's default
     pull_codec: str = ""  # "" takes the server's default
@@ -86,6 +89,9 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         if cfg.local_steps < 0 or cfg.local_lr < 0 or cfg.max_clock < 0:
             raise ConfigError("local steps, local lr and max clock must be >= 0")
+        if cfg.pipeline and cfg.overlap:
+            raise ConfigError("--pipeline and --overlap do not combine: a pipelined push is sent "
+                              "before the next backward begins, so there is nothing left to overlap")
         self.pace = Pace(cfg.speed)  # first: it refuses a speed out of range
         self.session = Session(ctx, route(cfg.server, cfg.routes), cfg.timeouts, cfg.keys)
         self.steps, self.loss = 0, float("nan")
@@ -113,6 +119,9 @@ class Trainer:
             self._setup(run, joined)
         except BaseException:
             self.session.close()
+            self.session.leave()  # refused here, not dropped: the server need not wait out our heartbeats
+            if hasattr(self, "client"):  # its open sockets would block the context's term
+                self.client.close()
             raise
         log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
         started = time.monotonic()
@@ -141,6 +150,9 @@ class Trainer:
         return self.received_before + self.client.bytes_received
 
     def _setup(self, run: RunConfig, joined) -> None:
+        if self.cfg.pipeline and run.consistency.mode != "asp":  # before any socket is made
+            raise ConfigError(f"--pipeline needs asp consistency; this server runs {run.consistency}: a "
+                              "pipelined gradient is one update staler than ssp's bound and bsp's rounds allow")
         self.task = tasks.build(run.task, run.seed)
         self.layout = Layout.of(self.task.model)
         self.params, self.grads = flatten_(self.task.model, self.layout)
@@ -158,6 +170,14 @@ class Trainer:
         self.readiness = None
         self._watch_shards()
         self.steplog = StepLog(self.cfg.metrics_csv)
+        self.pipelined = self.cfg.pipeline
+        if self.pipelined:
+            # a second gradient buffer, with its views shaped as the parameters
+            spare = torch.zeros_like(self.grads)
+            self._grad_bufs = [self.grads, spare]
+            self._grad_views = [[p.grad for p in self.task.model.parameters()],
+                                [spare[e.offset : e.offset + e.numel].view(e.shape) for e in self.layout.entries]]
+            self._sent_from: list = [None, None]  # per buffer: the last push sent from it
 
     def _watch_shards(self) -> None:
         """(Re)build the backward hooks for the client's shard map, when overlap applies:
@@ -172,18 +192,17 @@ class Trainer:
                                             shard_ranges(self.client.chunks))
 
     def _loop(self, run: RunConfig) -> str:
+        if self.pipelined:
+            return self._pipelined_loop()
         started = time.monotonic()
         timeouts = self.cfg.timeouts
         wait = timeouts.pull_wait + timeouts.request_timeout
         cancel = self._cancelled
         got = None  # set when self.params already hold the weights for self.clock
         while True:
-            if self.session.finish.is_set():
-                return "finished"
-            if self.cfg.max_steps and self.steps >= self.cfg.max_steps:
-                return "steps"
-            if self.cfg.max_clock and self.clock >= self.cfg.max_clock:
-                return "clock"
+            reason = self._ended()
+            if reason:
+                return reason
             if self.session.dropped.is_set():
                 self._rejoin()
                 got = None
@@ -205,23 +224,109 @@ class Trainer:
                 out = self.client.start_push(self.grads, self.session.worker_id, self.session.incarnation,
                                              self.clock, base, pull=True)
                 computed = time.monotonic()
-                slept = self._compute(out)
+                slept = self._compute(out, self.clock)
                 computed = time.monotonic() - computed
                 got = self.client.finish_push(out, timeouts.request_timeout, cancel=cancel,
                                               retry_for=timeouts.reconnect_timeout, pull_into=self.params,
                                               pull_wait=wait)
-            except RemoteError as e:
-                self._recover(e)
-                continue
-            except Interrupted:
-                self.client.reset()  # drop replies still owed to the abandoned requests
-                continue
-            except DeadlineExceeded as e:
-                self._check_server(e)
+            except (RemoteError, Interrupted, DeadlineExceeded) as e:
+                self._failed(e)
                 continue
             self.failing_since, self.backoff = None, 0.0
             self._stepped(got, time.monotonic() - step_started, slept, computed, sent, received)
             self._report(started)
+
+    def _pipelined_loop(self) -> str:
+        """asp with one push always in flight (--pipeline): the gradient of step k is
+        computed while the push of step k-1 and its answer travel, so a step costs about
+        the longer of compute and exchange instead of their sum. Each gradient lands one
+        update staler than without (its push names the weights it was computed on, so the
+        shard counts that staleness). Two gradient buffers take turns: one is computed
+        into while zmq may still read the other. A failure drops the push in flight and
+        the gradient computed meanwhile, and starts again from a pull."""
+        started = time.monotonic()
+        timeouts = self.cfg.timeouts
+        wait = timeouts.pull_wait + timeouts.request_timeout
+        cancel = self._cancelled
+        base = None  # the version of the weights in self.params; None: pull them first
+        flight = None  # (Outgoing, the byte counters before it): the push whose answer is owed
+        while True:
+            reason = self._ended(ahead=flight is not None)
+            if self.session.dropped.is_set():
+                self._rejoin()
+                base = flight = None
+            if reason == "finished" or (reason and flight is None):
+                return reason
+            step_started = time.monotonic()
+            got = None
+            try:
+                if base is None:
+                    got = self.client.pull(self.params, self.session.worker_id, self.clock, wait, cancel=cancel)
+                    if got.finished:
+                        return "finished"
+                    base = got.version
+                turn, slept, computed = None, 0.0, 0.0
+                if not reason:  # another push fits the run's limits: its gradient, meanwhile
+                    turn = self._take_turn(flight)
+                    computed = time.monotonic()
+                    slept = self._compute(None, self.clock + (flight is not None), wait_sent=False)
+                    computed = time.monotonic() - computed
+                if flight is not None:
+                    out, fsent, freceived = flight
+                    flight = None
+                    got = self.client.finish_push(out, timeouts.request_timeout, cancel=cancel,
+                                                  retry_for=timeouts.reconnect_timeout, pull_into=self.params,
+                                                  pull_wait=wait)
+                    self.failing_since, self.backoff = None, 0.0
+                    # a step's time is the loop's period: this turn's compute ran alongside the push
+                    self._stepped(got, time.monotonic() - step_started, slept, computed, fsent, freceived)
+                    self._report(started)
+                    if got.finished:
+                        return "finished"
+                if turn is None:
+                    continue  # the last push is answered: the loop's top says why it ends
+                sent, received = (self.bytes_sent, self.bytes_received) if self.steplog.on else (0, 0)
+                out = self.client.start_push(self._grad_bufs[turn], self.session.worker_id, self.session.incarnation,
+                                             self.clock, base, pull=True)
+                self.client.send_all(out)
+                self._sent_from[turn] = out
+                flight = (out, sent, received)
+                if got is not None:
+                    base = got.version
+            except (RemoteError, Interrupted, DeadlineExceeded) as e:
+                base = flight = None
+                self._failed(e)
+
+    def _take_turn(self, flight) -> int:
+        """Point the model's .grad at the gradient buffer the push in flight does not
+        read, once zmq has let go of the frames the push before it sent from there."""
+        turn = 0 if flight is None or flight[0].grads is self._grad_bufs[1] else 1
+        if self._sent_from[turn] is not None:
+            self.client.wait_sent(self.cfg.timeouts.request_timeout, self._sent_from[turn])
+        if self.grads is not self._grad_bufs[turn]:
+            for p, view in zip(self.task.model.parameters(), self._grad_views[turn]):
+                p.grad = view
+            self.grads = self._grad_bufs[turn]
+        return turn
+
+    def _ended(self, ahead: bool = False) -> str:
+        """Why the loop is to end now ('' if it is not), counting a push in flight (`ahead`)."""
+        if self.session.finish.is_set():
+            return "finished"
+        if self.cfg.max_steps and self.steps + ahead >= self.cfg.max_steps:
+            return "steps"
+        if self.cfg.max_clock and self.clock + ahead >= self.cfg.max_clock:
+            return "clock"
+        return ""
+
+    def _failed(self, e: Exception) -> None:
+        """The step's exchange failed: what to do before the loop tries again."""
+        if isinstance(e, RemoteError):
+            self._recover(e)
+        elif isinstance(e, Interrupted):
+            self.client.reset()  # drop replies still owed to the abandoned requests
+        else:
+            self._check_server(e)
 
     def _stepped(self, got, seconds: float, slept: float, computed: float, sent: int, received: int) -> None:
         """A step's push was acknowledged: count it, pace the next one, log it."""
@@ -236,18 +341,18 @@ class Trainer:
                          compute_seconds=round(computed, 6), bytes_sent=self.bytes_sent - sent,
                          bytes_received=self.bytes_received - received)
 
-    def _compute(self, out) -> float:
-        """Fill self.grads with what this step pushes (with overlap, sending `out`'s
-        shard messages as their gradients become final); returns the seconds slept to
-        play a slower device (--delay, --speed), which the step's measured time leaves out."""
+    def _compute(self, out, clock: int, wait_sent: bool = True) -> float:
+        """Fill self.grads with what the push at `clock` sends (with overlap, sending
+        `out`'s shard messages as their gradients become final); returns the seconds slept
+        to play a slower device (--delay, --speed), which the step's measured time leaves out."""
         k = self.local_steps
-        # the last push's zero-copy frames read self.grads until zmq is done with them
-        self.client.wait_sent(self.cfg.timeouts.request_timeout)
+        if wait_sent:  # the last push's zero-copy frames read self.grads until zmq is done with them
+            self.client.wait_sent(self.cfg.timeouts.request_timeout)
         if k > 1:
-            batches = [self.batches.at(self.clock * k + j) for j in range(k)]
+            batches = [self.batches.at(clock * k + j) for j in range(k)]
             self.loss = local_update(self.task, self.params, self.grads, self.local_sgd, batches)
         else:
-            batch = self.batches.at(self.clock)
+            batch = self.batches.at(clock)
             x, y = self.task.train[0][batch], self.task.train[1][batch]
             self.grads.zero_()
             loss = self.task.loss(self.task.model(x), y)
