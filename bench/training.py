@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 DIGITS = Workload("digits-mlp", "digits-mlp", steps=500, shards=1, lr=3e-3, eval_every=0.025, timeout=60)
 # a step moves 100 MB each way and takes seconds here: few steps, enough for a rate
 WIDE = Workload("wide-mlp-25m", "bench.tasks:wide_mlp", steps=5, shards=2, lr=3e-4, timeout=300)
-MODES = ["bsp", "asp", "ssp:2"]
+# asp also runs with the workers' --pipeline (each computes its next gradient while its last
+# push travels), next to asp without it
+MODES = ["bsp", "asp", "asp+pipeline", "ssp:2"]
 # the 25M model also runs bsp with --overlap (workers/overlap.py), next to bsp without it
 WIDE_MODES = [*MODES, "bsp+overlap"]
 
@@ -31,7 +33,7 @@ def plan(quick: bool) -> list[tuple[Workload, list[int], list[str], int]]:
     if quick:
         # the 25M model's full 5 steps: with 2, an asp worker can finish before the other's
         # first step, leaving no window in which both step (and so no samples/s)
-        return [(with_steps(DIGITS, 150), [2], ["bsp", "asp"], 1), (WIDE, [2], ["asp"], 1)]
+        return [(with_steps(DIGITS, 150), [2], ["bsp", "asp", "asp+pipeline"], 1), (WIDE, [2], ["asp"], 1)]
     return [(DIGITS, [2, 4], MODES, 3), (WIDE, [2, 4], WIDE_MODES, 2)]
 
 
@@ -48,7 +50,7 @@ def run_system(runner: Runner, w: Workload, system: str, n: int, **kw) -> dict:
         if system in ("single", "ddp"):
             return runner.ddp(w, n, **kw)
         mode, _, flag = system.partition("+")
-        return runner.ours(w, n, mode, overlap=flag == "overlap", **kw)
+        return runner.ours(w, n, mode, overlap=flag == "overlap", pipeline=flag == "pipeline", **kw)
     except Exception as e:  # noqa: BLE001 (a failed run is data: reported, not fatal)
         log.error("%s %s x%d failed: %s", w.name, system, n, e)
         return {"error": str(e)}
@@ -82,9 +84,10 @@ def _brief(got: dict) -> str:
 
 def target(w: Workload, system: str, n: int) -> float | None:
     """The least samples/s against DDP's that the system should reach, where one is set:
-    on digits with 2 workers asp 1.8x and bsp 1x; on the 25M model bsp 0.8x."""
+    on digits with 2 workers asp 1.8x (with or without --pipeline) and bsp 1x; on the
+    25M model bsp 0.8x."""
     if w.name == DIGITS.name and n == 2:
-        return {"asp": 1.8, "bsp": 1.0}.get(system)
+        return {"asp": 1.8, "bsp": 1.0}.get(system.partition("+")[0])
     if w.name == WIDE.name and system.partition("+")[0] == "bsp":
         return 0.8
     return None
@@ -123,6 +126,8 @@ def result(runs: dict, plans) -> dict:
                 "test accuracy checked every 25 ms on worker 0 / rank 0 (and at the end). "
                 + (f"wide-mlp-25m: {plans[1][0].steps} steps per worker, lr {plans[1][0].lr}, 2 shards; bsp+overlap is bsp "
                    "with the workers' --overlap (each shard's push sent during backward). " if len(plans) > 1 else "")
+                + "asp+pipeline is asp with the workers' --pipeline (each computes its next gradient while its "
+                "last push and the answer travel). "
                 + "samples/s counts the window in which every worker is stepping; time to target is measured "
                 "from the moment the last worker connected. The coordinator runs on a thread of the bench process, "
                 "shards and workers are processes; bsp runs with --min-workers equal to the worker count.",
