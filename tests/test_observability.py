@@ -155,8 +155,9 @@ def test_status_once_lists_every_live_worker_and_names_the_straggler(make_cluste
 
 
 def test_a_simulation_reports_its_accuracy_curve_and_time_to_target(tmp_path):
+    # 5 ms a step: the run lasts over 0.75 s however fast the machine, so several evaluations fall inside it
     out, report = run_sim(tmp_path, "--workers", "2", "--shards", "1", "--steps", "150", "--consistency", "asp",
-                          "--eval-every", "0.2", "--target", "0.9")
+                          "--eval-every", "0.2", "--target", "0.9", "--delays", "0.005,0.005")
     curve = report["curve"]
     assert len(curve) >= 3 and 0 <= curve[0]["t"] < 1 and curve[0]["updates"] < curve[-1]["updates"]
     assert [p["t"] for p in curve] == sorted(p["t"] for p in curve)

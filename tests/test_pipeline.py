@@ -125,3 +125,18 @@ def test_ps_sim_refuses_pipeline_outside_asp(tmp_path):
     out = cli("ps-sim", "run", "--workers", "2", "--consistency", "bsp", "--pipeline", "--report", str(tmp_path))
     assert out.returncode != 0 and "--pipeline needs --consistency asp" in out.stderr, out.stderr
     assert not list(tmp_path.iterdir())  # no report: nothing ran
+
+
+def test_a_pipelined_worker_killed_and_restarted_loses_no_step(tmp_path):
+    steps = 120
+    _, report = run_sim(tmp_path, "--workers", "3", "--shards", "2", "--steps", str(steps), "--consistency", "asp",
+                        "--pipeline", "--kill", "1@40", "--rejoin", "1@80", "--heartbeat-interval", "0.2",
+                        "--eval-every", "0")
+    assert [(e["worker"], e["event"]) for e in report["worker_events"]] == [(1, "killed"), (1, "restarted")]
+    with open(tmp_path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # the process kills itself right after a step's answer, before its next push goes out: every
+    # step a process logged was applied once on every shard, and no push went unlogged
+    assert [s["pushes"] for s in report["shard_pushes"]] == [len(rows)] * 2, report["membership_events"]
+    restarted = [r for r in report["worker_results"] if r["worker_id"] == 1]
+    assert [(r["reason"], r["clock"]) for r in restarted] == [("clock", steps)]

@@ -251,10 +251,10 @@ class Trainer:
         base = None  # the version of the weights in self.params; None: pull them first
         flight = None  # (Outgoing, the byte counters before it): the push whose answer is owed
         while True:
-            reason = self._ended(ahead=flight is not None)
             if self.session.dropped.is_set():
                 self._rejoin()
                 base = flight = None
+            reason = self._ended(ahead=flight is not None)
             if reason == "finished" or (reason and flight is None):
                 return reason
             step_started = time.monotonic()
