@@ -288,8 +288,8 @@ class Trainer:
                 sent, received = (self.bytes_sent, self.bytes_received) if self.steplog.on else (0, 0)
                 out = self.client.start_push(self._grad_bufs[turn], self.session.worker_id, self.session.incarnation,
                                              self.clock, base, pull=True)
+                self._sent_from[turn] = out  # first: a send that fails part way has frames out too
                 self.client.send_all(out)
-                self._sent_from[turn] = out
                 flight = (out, sent, received)
                 if got is not None:
                     base = got.version
