@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
@@ -86,6 +87,11 @@ def test_an_exchange_abandoned_after_an_early_send_applies_the_step_once_on_each
     grads = torch.randn(total, generator=torch.Generator().manual_seed(1))
     out = client.start_push(grads, 0, 0, clock=0, base_version=0, pull=True)
     client.send_part(out, 1)  # during backward; then the step fails
+    # the case is a push that reached shard 1: a reset at once (linger 0) can drop it unsent
+    deadline = time.monotonic() + 10
+    while shards.servers[1].core.pushes < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert shards.servers[1].core.pushes == 1
     client.reset()
     got = client.pull(weights, worker=0, clock=0, timeout=10.0)
     assert got.version == 0  # shard 1 applied round 0 alone; shard 0 still waits for it
