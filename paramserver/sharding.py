@@ -83,6 +83,11 @@ def parts(chunks: list[Chunk], part_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
+def views(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
+    """Views of `flat` (shape (layout.total,)) shaped as the model's parameters, in order."""
+    return [flat[e.offset : e.offset + e.numel].view(e.shape) for e in layout.entries]
+
+
 def flatten_(model: torch.nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-home the model's parameters and gradients as views of two flat buffers.
 
@@ -92,11 +97,10 @@ def flatten_(model: torch.nn.Module, layout: Layout) -> tuple[torch.Tensor, torc
     """
     params = torch.empty(layout.total, dtype=torch.float32)
     grads = torch.zeros(layout.total, dtype=torch.float32)
-    for entry, p in zip(layout.entries, model.parameters()):
-        view = params[entry.offset : entry.offset + entry.numel].view(entry.shape)
+    for p, view, grad in zip(model.parameters(), views(params, layout), views(grads, layout)):
         view.copy_(p.detach())
         p.data = view
-        p.grad = grads[entry.offset : entry.offset + entry.numel].view(entry.shape)
+        p.grad = grad
     return params, grads
 
 

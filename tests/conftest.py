@@ -6,6 +6,7 @@ a child process behind fails.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -298,6 +299,12 @@ def cli(*args, timeout=60, env=None) -> subprocess.CompletedProcess:
     """Run one of the project's commands to the end; its output captured."""
     return subprocess.run([os.path.join(BIN, args[0]), *args[1:]], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def rows_of(path) -> list[dict]:
+    """The rows of a CSV file (a step log, a report's metrics.csv), as text."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def run_sim(report, *args: str, timeout: float = 300) -> tuple[subprocess.CompletedProcess, dict]:

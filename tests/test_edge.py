@@ -3,7 +3,6 @@ and the report folder (metrics.csv, plots) they leave. Real processes on loopbac
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
@@ -17,14 +16,9 @@ from paramserver.config import Consistency, OptimizerConfig, RunConfig
 from paramserver.sharding import Layout, flatten_
 from workers.steps import StepLog
 
-from .conftest import cli, free_port_block, run_sim
+from .conftest import cli, free_port_block, rows_of, run_sim
 
 PLOTS = ("accuracy.png", "progress.png", "staleness.png", "bytes.png")
-
-
-def rows_of(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def assert_plots(folder) -> None:

@@ -9,8 +9,6 @@ both on the initial weights).
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 import torch
 import zmq
@@ -20,7 +18,7 @@ from paramserver.config import Consistency, OptimizerConfig, RunConfig, Timeouts
 from paramserver.errors import ConfigError
 from workers import WorkerConfig, run_worker
 
-from .conftest import FAST, cli, run_sim
+from .conftest import FAST, cli, rows_of, run_sim
 from .test_overlap import DropFirstPushAnswer
 
 STEPS, LR = 30, 0.1
@@ -56,11 +54,6 @@ def _by_hand(run: RunConfig, steps: int, delay: int) -> torch.Tensor:
     return w
 
 
-def _steps(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def test_one_pipelined_worker_applies_each_gradient_one_update_late(make_cluster, tmp_path):
     run = _run()
     c = make_cluster(run, shards=2)
@@ -74,7 +67,7 @@ def test_one_pipelined_worker_applies_each_gradient_one_update_late(make_cluster
     c.wait_for(lambda s: s["updates"] == STEPS and [x["pushes"] for x in s["shards"]] == [STEPS, STEPS], 30,
                "every push counted once on each shard")
     # each shard counts the staleness: none for the first push (nothing applied yet), one after
-    assert [int(r["staleness"]) for r in _steps(tmp_path / "steps.csv")] == [0] + [1] * (STEPS - 1)
+    assert [int(r["staleness"]) for r in rows_of(tmp_path / "steps.csv")] == [0] + [1] * (STEPS - 1)
 
 
 def test_a_lost_answer_to_a_pipelined_push_is_resent_and_applied_once(make_cluster):
@@ -133,8 +126,7 @@ def test_a_pipelined_worker_killed_and_restarted_loses_no_step(tmp_path):
                         "--pipeline", "--kill", "1@40", "--rejoin", "1@80", "--heartbeat-interval", "0.2",
                         "--eval-every", "0")
     assert [(e["worker"], e["event"]) for e in report["worker_events"]] == [(1, "killed"), (1, "restarted")]
-    with open(tmp_path / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = rows_of(tmp_path / "metrics.csv")
     # the process kills itself right after a step's answer, before its next push goes out: every
     # step a process logged was applied once on every shard, and no push went unlogged
     assert [s["pushes"] for s in report["shard_pushes"]] == [len(rows)] * 2, report["membership_events"]

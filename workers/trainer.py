@@ -26,7 +26,7 @@ from paramserver.errors import (
 from paramserver.events import EventLog
 from paramserver.protocol import ErrorCode
 from paramserver.security import Keys
-from paramserver.sharding import Layout, flatten_
+from paramserver.sharding import Layout, flatten_, views
 
 from .client import ShardClient
 from .overlap import ShardReadiness, shard_ranges
@@ -170,13 +170,9 @@ class Trainer:
         self.readiness = None
         self._watch_shards()
         self.steplog = StepLog(self.cfg.metrics_csv)
-        self.pipelined = self.cfg.pipeline
-        if self.pipelined:
-            # a second gradient buffer, with its views shaped as the parameters
-            spare = torch.zeros_like(self.grads)
-            self._grad_bufs = [self.grads, spare]
-            self._grad_views = [[p.grad for p in self.task.model.parameters()],
-                                [spare[e.offset : e.offset + e.numel].view(e.shape) for e in self.layout.entries]]
+        if self.cfg.pipeline:  # a second gradient buffer, taking turns with the first
+            self._grad_bufs = [self.grads, torch.zeros_like(self.grads)]
+            self._grad_views = [views(b, self.layout) for b in self._grad_bufs]
             self._sent_from: list = [None, None]  # per buffer: the last push sent from it
 
     def _watch_shards(self) -> None:
@@ -192,7 +188,7 @@ class Trainer:
                                             shard_ranges(self.client.chunks))
 
     def _loop(self, run: RunConfig) -> str:
-        if self.pipelined:
+        if self.cfg.pipeline:
             return self._pipelined_loop()
         started = time.monotonic()
         timeouts = self.cfg.timeouts
