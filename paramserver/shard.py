@@ -208,11 +208,7 @@ class ShardCore:
         self.max_staleness = max(self.max_staleness, staleness)
         self._make_writable()
         started = time.perf_counter()
-        for p, g in zip(self._views, grads):
-            p.grad = g
-        self._step()
-        for p in self._views:
-            p.grad = None
+        self._step(grads)
         self.version += 1
         self.updates += 1
         if self.on_apply is not None:
