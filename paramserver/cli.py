@@ -10,7 +10,7 @@ import click
 
 from . import admin
 from . import log as logsetup
-from .config import SIM_EVAL_EVERY, CheckpointConfig
+from .config import SIM_EVAL_EVERY, CheckpointConfig, check_pipeline
 from .errors import ConfigError
 from .linkemu import LINK_HELP, parse_item, per_worker
 from .options import (
@@ -257,9 +257,8 @@ def sim_run(workers, shards, steps, report, delays, speeds, kill, rejoin, churn,
     t, run = timeouts(kw), run_config(kw)
     links = tuple(per_worker(link, workers))
     _check(run)
-    if pipeline and run.consistency.mode != "asp":
-        raise ConfigError(f"--pipeline needs --consistency asp, not {run.consistency}: a pipelined gradient is one "
-                          "update staler than ssp's bound and bsp's rounds allow")
+    if pipeline:
+        check_pipeline(run.consistency)
     cfg = SimConfig(workers=workers, shards=shards, steps=steps, report=report, delays=_floats(delays),
                     timeout=timeout, progress=progress, log_level=log_level, timeouts=t, links=links,
                     eval_every=eval_every, target=target, until_target=until_target, scenario=scenario,

@@ -102,6 +102,14 @@ class OptimizerConfig:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
 
 
+def check_pipeline(consistency: Consistency) -> None:
+    """A pipelined worker (--pipeline) needs an asp server: each of its gradients is one
+    update staler than without, more than ssp's bound and bsp's rounds allow."""
+    if consistency.mode != "asp":
+        raise ConfigError(f"--pipeline needs asp consistency, not {consistency}: a pipelined gradient is one "
+                          "update staler than ssp's bound and bsp's rounds allow")
+
+
 def check_pull_codec(name: str) -> str:
     if name not in PULL_CODECS:
         raise ConfigError(f"unknown pull codec {name!r}: use {' | '.join(PULL_CODECS)}")

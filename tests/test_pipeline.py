@@ -104,7 +104,7 @@ def test_two_pipelined_workers_train_digits_to_095_and_every_push_lands_once(tmp
 @pytest.mark.parametrize("consistency", ["bsp", "ssp:2"])
 def test_a_pipelined_worker_is_refused_by_a_server_that_is_not_asp(make_cluster, consistency):
     c = make_cluster(_run(consistency=Consistency.parse(consistency), min_workers=1), shards=1)
-    with pytest.raises(ConfigError, match="--pipeline needs asp"):
+    with pytest.raises(ConfigError, match=f"--pipeline needs asp consistency, not {consistency}"):
         run_worker(WorkerConfig(server=c.address, max_steps=5, timeouts=FAST, pipeline=True))
     assert c.status()["updates"] == 0
 
@@ -116,7 +116,7 @@ def test_pipeline_and_overlap_are_refused_together_before_anything_connects():
 
 def test_ps_sim_refuses_pipeline_outside_asp(tmp_path):
     out = cli("ps-sim", "run", "--workers", "2", "--consistency", "bsp", "--pipeline", "--report", str(tmp_path))
-    assert out.returncode != 0 and "--pipeline needs --consistency asp" in out.stderr, out.stderr
+    assert out.returncode != 0 and "--pipeline needs asp consistency" in out.stderr, out.stderr
     assert not list(tmp_path.iterdir())  # no report: nothing ran
 
 

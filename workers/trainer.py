@@ -15,7 +15,7 @@ import torch
 import zmq
 
 from paramserver import tasks
-from paramserver.config import RunConfig, Timeouts
+from paramserver.config import RunConfig, Timeouts, check_pipeline
 from paramserver.errors import (
     ConfigError,
     DeadlineExceeded,
@@ -150,9 +150,8 @@ class Trainer:
         return self.received_before + self.client.bytes_received
 
     def _setup(self, run: RunConfig, joined) -> None:
-        if self.cfg.pipeline and run.consistency.mode != "asp":  # before any socket is made
-            raise ConfigError(f"--pipeline needs asp consistency; this server runs {run.consistency}: a "
-                              "pipelined gradient is one update staler than ssp's bound and bsp's rounds allow")
+        if self.cfg.pipeline:  # before any socket is made
+            check_pipeline(run.consistency)
         self.task = tasks.build(run.task, run.seed)
         self.layout = Layout.of(self.task.model)
         self.params, self.grads = flatten_(self.task.model, self.layout)
