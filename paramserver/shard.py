@@ -208,7 +208,11 @@ class ShardCore:
         self.max_staleness = max(self.max_staleness, staleness)
         self._make_writable()
         started = time.perf_counter()
-        self._step(grads)
+        for p, g in zip(self._views, grads):
+            p.grad = g
+        self._step()
+        for p in self._views:
+            p.grad = None
         self.version += 1
         self.updates += 1
         if self.on_apply is not None:
