@@ -34,7 +34,8 @@ def plan(quick: bool) -> list[tuple[Workload, list[int], list[str], int]]:
         # the 25M model's full 5 steps: with 2, an asp worker can finish before the other's
         # first step, leaving no window in which both step (and so no samples/s)
         return [(with_steps(DIGITS, 150), [2], ["bsp", "asp", "asp+pipeline"], 1), (WIDE, [2], ["asp"], 1)]
-    return [(DIGITS, [2, 4], MODES, 3), (WIDE, [2, 4], WIDE_MODES, 2)]
+    # digits runs take seconds: 5 repetitions so that one noisy run does not move a median
+    return [(DIGITS, [2, 4], MODES, 5), (WIDE, [2, 4], WIDE_MODES, 2)]
 
 
 def systems(workers: list[int], modes: list[str]) -> list[tuple[str, int]]:
