@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("t", "worker", "process", "incarnation", "step", "clock", "loss", "staleness", "step_seconds",
            "compute_seconds", "bytes_sent", "bytes_received")
-_INTS = {"worker", "incarnation", "step", "clock", "staleness", "bytes_sent", "bytes_received"}
+_INTS = {"worker", "process", "incarnation", "step", "clock", "staleness", "bytes_sent", "bytes_received"}
 _FROM_LOG = [c for c in COLUMNS if c not in ("t", "process")]
 
 
@@ -56,13 +56,23 @@ def merge_step_logs(folder: str, began_wall: float) -> list[dict]:
         with open(path, newline="") as f:
             for raw in csv.DictReader(f):
                 try:
-                    row = {k: (int(raw[k]) if k in _INTS else float(raw[k])) for k in _FROM_LOG}
+                    row = _typed(raw, _FROM_LOG)
                     row["t"] = round(float(raw["time"]) - began_wall, 6)
                 except (KeyError, TypeError, ValueError):
                     continue
                 rows.append({**row, "process": process})
     rows.sort(key=lambda r: r["t"])
     return rows
+
+
+def _typed(raw: dict, keys) -> dict:
+    return {k: (int(raw[k]) if k in _INTS else float(raw[k])) for k in keys}
+
+
+def read_metrics(folder: str) -> list[dict]:
+    """The rows of the metrics.csv that `write` left in `folder`, typed as they were."""
+    with open(os.path.join(folder, "metrics.csv"), newline="") as f:
+        return [_typed(raw, COLUMNS) for raw in csv.DictReader(f)]
 
 
 def worker_summary(rows: list[dict], every: float = 0.05) -> dict[str, dict]:

@@ -147,8 +147,7 @@ def test_ssp_reaches_095_sooner_than_bsp_with_a_quarter_speed_worker(tmp_path):
     # to join trains alone meanwhile, and a newcomer starts at the clock of its last
     # heartbeat, so early on the others trail it. Not after: the workers learn of the stop
     # at their next heartbeat, and in that wind-down whoever is still running races ahead
-    rows = [{k: (int(v) if k in ("worker", "clock") else float(v)) for k, v in r.items()}
-            for r in rows_of(tmp_path / "ssp" / "metrics.csv")]
+    rows = simreport.read_metrics(str(tmp_path / "ssp"))
     training = simreport.worker_summary([r for r in rows if 0 <= r["t"] <= ssp["time_to_target"]])
     lags = {int(w): s["mean_lag"] for w, s in training.items()}
     assert max(lags, key=lags.get) == 3, lags

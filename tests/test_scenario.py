@@ -753,3 +753,12 @@ def test_a_worker_that_leaves_again_resumes_at_its_latest_clock():
     assert other.leave(0, 0) and other.join(0, "h", 2, now=2.0).clock == 8  # others live: theirs
     assert other.leave(1, 0) and other.leave(0, 1)
     assert other.join(0, "h", 3, now=3.0).clock == 8  # the clock it left with this time
+
+
+def test_read_metrics_gives_back_the_rows_as_write_typed_them(tmp_path):
+    began = 1_700_000_000.0
+    write_log(tmp_path, 0, 0, [step_row(began + 0.5, 0, 1), step_row(began + 1.5, 0, 2, loss=0.25)])
+    rows = simreport.merge_step_logs(str(tmp_path), began)
+    report = {"consistency": "asp", "workers": 1, "shards": 1, "curve": [], "target": 0.95, "time_to_target": None}
+    simreport.write(report, rows, str(tmp_path / "report"))
+    assert simreport.read_metrics(str(tmp_path / "report")) == rows
