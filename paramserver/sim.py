@@ -94,11 +94,12 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         director = Director(sim.scenario, sim.workers, sim.steps, random.Random(run.seed))
         fleet = _fleet(ctx, address, sim, net, results, director)
         curve = _Curve(ctx, address, run, sim)
-        watched = _watch(ctx, address, fleet, sim, deadline, on_began=net.begin, curve=curve)
+        watched = _watch(ctx, address, fleet, sim, deadline, on_began=net.begin, curve=curve, results=results)
         failed = fleet.failed()
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
-        worker_results = _drain(results, sum(p.exitcode == 0 for p in fleet.all()))
+        ended = sum(p.exitcode == 0 for p in fleet.all())
+        worker_results = watched.results + _drain(results, ended - len(watched.results))
         report = _evaluate(watched.final or _fetch(ctx, address), run, sim, worker_results)
         report["wall_seconds"] = time.monotonic() - started
         _what_happened(report, sim, watched, fleet, curve)
@@ -230,12 +231,15 @@ class _Watched:
     began_wall: float  # the same moment in Unix time (the workers' step logs use it)
     membership: list[dict]
     final: tuple | None = None  # until_target: (status, weights) when the target was reached
+    results: list = field(default_factory=list)  # workers' results, as they came in
 
 
 def _watch(ctx, address: str, fleet: Fleet, sim: SimConfig, deadline: float, on_began=None,
-           curve=None) -> _Watched:
+           curve=None, results=None) -> _Watched:
     """Follow the run, killing and restarting workers as the scenario says, until no
-    worker process runs and none is due back."""
+    worker process runs and none is due back. `results`: the queue finished workers put
+    their results on, taken as they come so that the bar counts their last steps (a
+    finished worker has left the status, and its process takes a while to exit)."""
     watch = _Watch(ctx, address, fleet, sim, on_began, curve)
     poll = 0.1 if sim.scenario.active else 0.2
     with Bar("training", sim.workers * sim.steps, "{rate} steps/s  loss {loss}  test accuracy {accuracy}",
@@ -248,8 +252,11 @@ def _watch(ctx, address: str, fleet: Fleet, sim: SimConfig, deadline: float, on_
             except DeadlineExceeded:
                 continue
             watch.look(info, time.monotonic())
+            watch.collect(results)
             watch.show(bar, info)
             time.sleep(poll)
+        watch.collect(results)  # the last to finish may have exited since the last look
+        watch.show(bar)
     return watch.result()
 
 
@@ -263,6 +270,7 @@ class _Watch:
         self.best: dict[int, int] = {}  # worker -> the largest clock seen
         self.began = self.began_wall = self.final = None
         self.last = time.monotonic()
+        self.results: list[dict] = []
 
     def look(self, info: dict, now: float) -> None:
         self.members.observe(info["workers"], now)
@@ -282,17 +290,32 @@ class _Watch:
                 admin.stop(self.address, ctx=self.ctx)
         self.last = now
 
-    def show(self, bar: Bar, info: dict) -> None:
-        losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])]
+    def collect(self, results) -> None:
+        """The results finished workers have put on `results` so far, and their last clocks."""
+        while results is not None:
+            try:
+                r = results.get_nowait()
+            except queue_mod.Empty:
+                return
+            self.results.append(r)
+            if "clock" in r:
+                self.best[r["worker_id"]] = max(self.best.get(r["worker_id"], 0), r["clock"])
+
+    def show(self, bar: Bar, info: dict | None = None) -> None:
+        """The bar as of the last look; the mean loss of the workers in `info`, if any
+        (once they have finished and left, the bar keeps the last one shown)."""
+        fields = {}
+        losses = [w["loss"] for w in info["workers"] if not math.isnan(w["loss"])] if info else []
+        if losses:
+            fields["loss"] = f"{sum(losses) / len(losses):.3f}"
         accuracy = self.curve.latest
         bar.update(sum(min(c, self.sim.steps) for c in self.best.values()),
-                   loss=f"{sum(losses) / len(losses):.3f}" if losses else "-",
-                   accuracy=f"{accuracy:.3f}" if accuracy is not None else "-")
+                   accuracy=f"{accuracy:.3f}" if accuracy is not None else "-", **fields)
 
     def result(self) -> _Watched:
         if self.began is None:
             self.began, self.began_wall = time.monotonic(), time.time()
-        return _Watched(self.began, self.began_wall, self.members.resolved(self.began), self.final)
+        return _Watched(self.began, self.began_wall, self.members.resolved(self.began), self.final, self.results)
 
 
 class _Members:
