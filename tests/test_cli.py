@@ -57,7 +57,8 @@ def test_sim_progress_bar_ends_at_the_steps_taken(tmp_path):
     # a short run: the workers finish and leave the status between two of its polls, so
     # only their results can tell the bar about the last steps
     out = run("ps-sim", "run", "--workers", "2", "--shards", "1", "--steps", "100", "--consistency", "asp",
-              "--report", str(tmp_path / "r"), "--progress", timeout=180)
+              "--report", str(tmp_path / "r"), "--progress", timeout=180,
+              env={"COLUMNS": "200"})  # wide enough that rich never cuts the count short
     assert out.returncode == 0, out.stderr[-2000:]
     counts = [line for line in out.stderr.splitlines() if line.startswith("training")]
     assert counts and " 200/200 " in counts[-1], out.stderr[-2000:]
