@@ -94,7 +94,7 @@ def simulate(run: RunConfig, sim: SimConfig) -> dict:
         director = Director(sim.scenario, sim.workers, sim.steps, random.Random(run.seed))
         fleet = _fleet(ctx, address, sim, net, results, director)
         curve = _Curve(ctx, address, run, sim)
-        watched = _watch(ctx, address, fleet, sim, deadline, on_began=net.begin, curve=curve, results=results)
+        watched = _watch(ctx, address, fleet, sim, deadline, results, on_began=net.begin, curve=curve)
         failed = fleet.failed()
         if failed:
             raise PSError(f"{', '.join(failed)} failed; see the log above")
@@ -234,8 +234,8 @@ class _Watched:
     results: list = field(default_factory=list)  # workers' results, as they came in
 
 
-def _watch(ctx, address: str, fleet: Fleet, sim: SimConfig, deadline: float, on_began=None,
-           curve=None, results=None) -> _Watched:
+def _watch(ctx, address: str, fleet: Fleet, sim: SimConfig, deadline: float, results, on_began=None,
+           curve=None) -> _Watched:
     """Follow the run, killing and restarting workers as the scenario says, until no
     worker process runs and none is due back. `results`: the queue finished workers put
     their results on, taken as they come so that the bar counts their last steps (a
@@ -292,7 +292,7 @@ class _Watch:
 
     def collect(self, results) -> None:
         """The results finished workers have put on `results` so far, and their last clocks."""
-        while results is not None:
+        while True:
             try:
                 r = results.get_nowait()
             except queue_mod.Empty:
