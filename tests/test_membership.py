@@ -47,14 +47,20 @@ def test_worker_joining_mid_run_is_served_and_counted(make_cluster):
 def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
     s = 2
     c = make_cluster(RunConfig(consistency=Consistency("ssp", s), seed=4), shards=2)
-    for _ in range(2):
-        c.add_worker(max_steps=40)
-    c.add_worker(max_steps=40, delay=0.05)  # about 5x slower than the others
-    c.wait_workers(timeout=120)
-    shards = c.status()["shards"]
-    gaps = [sh["max_clock_gap"] for sh in shards]
+    # The slow worker goes first and outlasts the fast ones by far: started together, the
+    # fast ones could finish their steps before the slow one's process was live, and then
+    # nothing would hold them back.
+    slow = c.add_worker(max_steps=400, delay=0.05)  # 20 s at least, about 5x slower than the others
+    c.wait_for(lambda st: len(st["workers"]) == 1 and st["workers"][0]["clock"] >= 1, 60, "the slow worker to be live")
+    fast = [c.add_worker(max_steps=40) for _ in range(2)]
+    for p in fast:
+        p.join(60)
+        assert not p.is_alive(), f"{p.name} did not finish"
+    assert slow.is_alive(), "the slow worker finished first: the test did not exercise the bound"
+    gaps = [sh["max_clock_gap"] for sh in c.status()["shards"]]
     assert max(gaps) <= s, f"a worker ran {max(gaps)} clocks ahead of the slowest (bound {s})"
     assert max(gaps) == s, "the fast workers never reached the bound: the test did not exercise it"
+    os.kill(slow.pid, signal.SIGKILL)
 
 
 def test_asp_fast_worker_is_not_slowed_by_slow_one(make_cluster):
