@@ -25,6 +25,7 @@ from .security import ServerSecurity, make_server, user_id
 from .sharding import Layout
 
 log = logging.getLogger(__name__)
+DRAIN_MAX = 1000  # messages handled from one socket before the next tick
 TRAFFIC_FIELDS = protocol.Traffic.__struct_fields__
 MAX_WORKER_ID = 2**31 - 1  # protocol.Id
 
@@ -178,14 +179,18 @@ class Coordinator:
         try:
             while self.state != "stopped" and time.monotonic() < until:
                 try:
-                    self._pump(100)
-                    self.tick(time.monotonic())
+                    self.serve_once(100)
                     if watch is not None:
                         watch(self)
                 except KeyboardInterrupt:
                     self._interrupted()
         finally:
             self.close()
+
+    def serve_once(self, timeout_ms: int) -> None:
+        """Handle what arrives within `timeout_ms` (all of it that is queued), then tick."""
+        self._pump(timeout_ms)
+        self.tick(time.monotonic())
 
     def _interrupted(self) -> None:
         """First Ctrl-C: finish the run as --max-steps would. Second: stop now."""
@@ -202,7 +207,13 @@ class Coordinator:
         for ch in self.channels:
             poller.register(ch.sock, zmq.POLLIN)
         for sock, _ in poller.poll(timeout_ms):
-            self._dispatch(sock)
+            # all that is queued, not one message: after a stall (a loaded host, a paused
+            # VM) a worker's heartbeat may wait behind others, and the tick's expiry must
+            # see it before it drops a worker that kept beating
+            for _ in range(DRAIN_MAX):
+                self._dispatch(sock)
+                if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    break
 
     def _dispatch(self, sock: zmq.Socket) -> None:
         if sock is self.sock:

@@ -1,17 +1,26 @@
 """Membership on real processes: a killed worker leaves the barrier within the heartbeat
-timeout, a late joiner is served and counted, and ssp/asp treat a slow worker as defined."""
+timeout, a late joiner is served and counted, ssp/asp treat a slow worker as defined, and
+a coordinator back from a stall counts the heartbeats that queued meanwhile."""
 
+import dataclasses
 import os
 import signal
 import time
 
+import zmq
+
+from paramserver import protocol
 from paramserver.config import Consistency, RunConfig
+from paramserver.coordinator import Coordinator
+from paramserver.protocol import VERSION
 
 from .conftest import FAST
 
 
 def test_sigkilled_worker_leaves_bsp_barrier_and_run_finishes(make_cluster):
-    c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=2), shards=2)
+    # rounds wait for all four: a worker that came up first would otherwise train alone
+    # and could finish its steps before the last one was live
+    c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=2, min_workers=4), shards=2)
     procs = [c.add_worker(max_steps=200) for _ in range(4)]
     c.wait_for(lambda s: len(s["workers"]) == 4 and min(w["clock"] for w in s["workers"]) >= 20, 60, "4 workers at clock 20")
     victim = procs[1]
@@ -65,13 +74,43 @@ def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
 
 def test_asp_fast_worker_is_not_slowed_by_slow_one(make_cluster):
     c = make_cluster(RunConfig(consistency=Consistency("asp"), seed=5), shards=1)
+    # the slow worker is live first: a newcomer starts at the slowest live clock, so a slow
+    # worker that joined while the fast one was far ahead would start far ahead too
+    slow = c.add_worker(max_steps=100, delay=0.5)  # 100 steps take >= 50 s
+    c.wait_for(lambda s: len(s["workers"]) == 1 and s["workers"][0]["clock"] >= 1, 60, "the slow worker to be live")
     fast = c.add_worker(max_steps=100)
-    slow = c.add_worker(max_steps=100, delay=0.2)  # 100 steps take >= 20 s
     started = time.monotonic()
     fast.join(60)
     assert not fast.is_alive(), "the fast worker did not finish"
     assert slow.is_alive(), "the slow worker finished as soon as the fast one: it was not slow"
-    info = c.status()
-    slow_clock = max((w["clock"] for w in info["workers"]), default=0)
+    slow_clock = next(w["clock"] for w in c.status()["workers"] if w["pid"] == slow.pid)
     assert slow_clock < 50, f"slow worker at clock {slow_clock} when the fast one ended after {time.monotonic() - started:.1f}s"
     os.kill(slow.pid, signal.SIGKILL)
+
+
+def test_stalled_coordinator_keeps_a_worker_whose_heartbeat_is_queued():
+    # a stall longer than the heartbeat timeout, with the worker's heartbeat queued
+    # behind another message: the tick after the stall must see the heartbeat
+    timeouts = dataclasses.replace(FAST, heartbeat_timeout=0.5)
+    ctx = zmq.Context()
+    coordinator = Coordinator(ctx, "tcp://127.0.0.1:0", RunConfig(), [], timeouts)
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(coordinator.address)
+    try:
+        sock.send_multipart(protocol.encode(protocol.Join(v=VERSION, seq=1)))
+        coordinator.serve_once(1000)
+        assert sock.poll(1000)
+        joined = protocol.decode(sock.recv_multipart()).header
+        assert isinstance(joined, protocol.JoinOk), joined
+        time.sleep(timeouts.heartbeat_timeout)  # the stall: nothing is served
+        sock.send_multipart(protocol.encode(protocol.Status(v=VERSION, seq=2)))
+        sock.send_multipart(protocol.encode(protocol.Heartbeat(v=VERSION, seq=3, worker_id=joined.worker_id,
+                                                               incarnation=joined.incarnation, clock=0)))
+        time.sleep(0.2)  # both queued at the coordinator, and the join now older than the timeout
+        coordinator.serve_once(0)
+        assert joined.worker_id in coordinator.members.live, "dropped although its heartbeat had arrived"
+    finally:
+        sock.close(linger=0)
+        coordinator.close()
+        ctx.term()
