@@ -43,8 +43,10 @@ def test_metrics_and_event_logs_of_a_run(make_cluster, tmp_path):
     c = make_cluster(RunConfig(consistency=Consistency("ssp:2"), seed=2), shards=2, metrics_port=port,
                      event_log=str(log), checkpoints=CheckpointConfig(str(tmp_path / "ckpt"), every=0.3))
     worker_logs = [tmp_path / f"worker-{i}.jsonl" for i in range(2)]
-    for wl in worker_logs:
-        c.add_worker(max_steps=STEPS, event_log=str(wl), delay=0.02)
+    # the first outlasts the second's start by far (STEPS x 0.2 s): both must be live at once
+    c.add_worker(max_steps=STEPS, event_log=str(worker_logs[0]), delay=0.2)
+    c.wait_for(lambda s: len(s["workers"]) == 1, 60, "the first worker live")
+    c.add_worker(max_steps=STEPS, event_log=str(worker_logs[1]), delay=0.02)
     c.wait_for(lambda s: len(s["workers"]) == 2, 60, "both workers live")
     live = scrape(port)
     assert value(live, "paramserver_live_workers") == 2
