@@ -76,7 +76,7 @@ def test_a_lost_answer_to_a_pipelined_push_is_resent_and_applied_once(make_clust
     expected.add_worker(max_steps=STEPS, pipeline=True)
     expected.wait_workers(timeout=120)
     ctx = zmq.Context()
-    t = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=8.0, request_timeout=1.5, pull_wait=20.0,
+    t = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=8.0, request_timeout=3.0, pull_wait=20.0,
                  reconnect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
     c = make_cluster(run, shards=2, timeouts=t)
     shard = c.status()["shard_map"][1]["address"]
