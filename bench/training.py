@@ -129,8 +129,9 @@ def result(runs: dict, plans) -> dict:
                            summary(values(rs, "final_accuracy")), sum(1 for r in rs if "error" in r)])
             if system in ("single", "ddp"):
                 continue
-            ddp = got.get(beside_key(system, n) if beside(w, system, n) else f"ddp x{n}", [])
-            peer = f"DDP x{n} beside" if beside(w, system, n) else f"DDP x{n}"
+            paired = beside(w, system, n)
+            ddp = got.get(beside_key(system, n) if paired else f"ddp x{n}", [])
+            peer = f"DDP x{n} beside" if paired else f"DDP x{n}"
             r = row(f"{w.name}, {system}, {n} workers", "samples/s", values(rs, "samples_per_s"),
                     values(ddp, "samples_per_s"), peer)
             least, ratio = target(w, system, n), r["ratio"]["median"]

@@ -111,6 +111,11 @@ class Cluster:
             except queue_mod.Empty:
                 return sorted(out, key=lambda r: r.get("worker_id", -1))
 
+    def wait_live(self, n: int, min_clock: int = 0, timeout: float = 60.0) -> dict:
+        """Wait until exactly `n` workers are live, each at `min_clock` or beyond; the status."""
+        return self.wait_for(lambda s: len(s["workers"]) == n and all(w["clock"] >= min_clock for w in s["workers"]),
+                             timeout, f"{n} live workers at clock {min_clock} or beyond")
+
     def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -22,7 +22,7 @@ def test_sigkilled_worker_leaves_bsp_barrier_and_run_finishes(make_cluster):
     # and could finish its steps before the last one was live
     c = make_cluster(RunConfig(consistency=Consistency("bsp"), seed=2, min_workers=4), shards=2)
     procs = [c.add_worker(max_steps=200) for _ in range(4)]
-    c.wait_for(lambda s: len(s["workers"]) == 4 and min(w["clock"] for w in s["workers"]) >= 20, 60, "4 workers at clock 20")
+    c.wait_live(4, min_clock=20)
     victim = procs[1]
     os.kill(victim.pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -60,7 +60,7 @@ def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
     # fast ones could finish their steps before the slow one's process was live, and then
     # nothing would hold them back.
     slow = c.add_worker(max_steps=400, delay=0.05)  # 20 s at least, about 5x slower than the others
-    c.wait_for(lambda st: len(st["workers"]) == 1 and st["workers"][0]["clock"] >= 1, 60, "the slow worker to be live")
+    c.wait_live(1, min_clock=1)  # the slow worker
     fast = [c.add_worker(max_steps=40) for _ in range(2)]
     for p in fast:
         p.join(60)
@@ -77,7 +77,7 @@ def test_asp_fast_worker_is_not_slowed_by_slow_one(make_cluster):
     # the slow worker is live first: a newcomer starts at the slowest live clock, so a slow
     # worker that joined while the fast one was far ahead would start far ahead too
     slow = c.add_worker(max_steps=100, delay=0.5)  # 100 steps take >= 50 s
-    c.wait_for(lambda s: len(s["workers"]) == 1 and s["workers"][0]["clock"] >= 1, 60, "the slow worker to be live")
+    c.wait_live(1, min_clock=1)  # the slow worker
     fast = c.add_worker(max_steps=100)
     started = time.monotonic()
     fast.join(60)

@@ -45,9 +45,9 @@ def test_metrics_and_event_logs_of_a_run(make_cluster, tmp_path):
     worker_logs = [tmp_path / f"worker-{i}.jsonl" for i in range(2)]
     # the first outlasts the second's start by far (STEPS x 0.2 s): both must be live at once
     c.add_worker(max_steps=STEPS, event_log=str(worker_logs[0]), delay=0.2)
-    c.wait_for(lambda s: len(s["workers"]) == 1, 60, "the first worker live")
+    c.wait_live(1)
     c.add_worker(max_steps=STEPS, event_log=str(worker_logs[1]), delay=0.02)
-    c.wait_for(lambda s: len(s["workers"]) == 2, 60, "both workers live")
+    c.wait_live(2)
     live = scrape(port)
     assert value(live, "paramserver_live_workers") == 2
     # a garbage message to shard 0: refused, counted by reason

@@ -210,7 +210,8 @@ def test_a_lost_shard_answer_is_resent_and_the_push_applied_once(make_cluster, o
         proxies.append(DropFirstPushAnswer(ctx, shard))
         return ((shard, proxies[-1].address),)
 
-    # one attempt waits 3 s (a resend's answer must not time out too on a loaded machine); the resend goes out on a fresh socket, same sequence number
+    # one attempt waits 3 s, so that on a loaded machine the resend's answer does not time
+    # out too; the resend goes out on a fresh socket, same sequence number
     t = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=8.0, request_timeout=3.0, pull_wait=20.0,
                  reconnect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
     try:
