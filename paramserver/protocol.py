@@ -254,6 +254,9 @@ Message = Union[  # noqa: UP007 (one line per group reads better than a chain of
     Membership, ShardStats, Checkpoint, CheckpointOk, Pull, PullOk, Push, PushOk, Error,
 ]
 
+# what a Channel sends; it only ever receives the others (the answers and Error)
+REQUESTS = (Join, Heartbeat, Leave, Status, Stop, Membership, Checkpoint, Pull, Push)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

@@ -171,6 +171,14 @@ class Channel:
                 log.warning("dropping malformed reply from %s: %s", self.name, e)
                 continue
             self.bytes_received += msg.wire_bytes  # every frame's bytes, as nbytes(frames) counts them
+            if isinstance(msg.header, protocol.REQUESTS):
+                # our own request came back: a TCP connect to a local port nothing listens on
+                # can draw that very port as its source and reach itself, and DEALER to DEALER
+                # handshakes fine. The loop would hold the port (the server could then not bind
+                # it) and answer nothing, ever: leave it for a fresh socket on another port.
+                self.reset()
+                raise DeadlineExceeded(f"the connection to {self.name} looped back to itself: "
+                                       f"nothing listens at {self.address}")
             if msg.header.seq != seq:
                 continue  # a late reply to a request we gave up on
             if isinstance(msg.header, protocol.Error):

@@ -36,10 +36,24 @@ FAST = Timeouts(heartbeat_interval=0.2, heartbeat_timeout=2.0, request_timeout=1
                 reconnect_timeout=30.0, shutdown_grace=3.0, startup=60.0)
 
 
+def _below_ephemeral() -> int:
+    """The first port the kernel hands out as a connection's source port."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port_block(n: int) -> int:
-    """A port p with p..p+n-1 all free right now (a coordinator and its shards)."""
+    """A port p with p..p+n-1 all free right now (a coordinator and its shards).
+
+    Below the source-port range, so that no client's connection, nor a connect that
+    loops back to itself before the server is up, takes a port the server is to bind.
+    """
+    top = _below_ephemeral() - n
     for _ in range(100):
-        base = random.randint(20000, 60000)
+        base = random.randint(20000, top) if top > 21000 else random.randint(20000, 60000)
         socks = []
         try:
             for p in range(base, base + n):

@@ -39,6 +39,16 @@ def test_worker_without_server_fails_clearly():
     assert "no coordinator answered" in out.stderr
 
 
+def test_worker_whose_connection_loops_back_to_itself_fails_clearly():
+    # a connect to a local port nothing listens on can draw that port as its own source
+    # and reach itself; zmq's `source;destination` form makes it happen every time
+    port = free_port_block(1)
+    out = run("ps-worker", "join", "--server", f"tcp://127.0.0.1:{port};127.0.0.1:{port}",
+              "--reconnect-timeout", "1.5", timeout=30)
+    assert out.returncode != 0
+    assert "no coordinator answered" in out.stderr, out.stderr[-2000:]
+
+
 def test_sim_run_writes_report(tmp_path):
     report = tmp_path / "r"
     out = run("ps-sim", "run", "--workers", "2", "--shards", "2", "--steps", "150", "--consistency", "asp",

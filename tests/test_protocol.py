@@ -22,9 +22,10 @@ import zmq
 from paramserver import protocol, sharding
 from paramserver.config import Consistency, OptimizerConfig, RunConfig
 from paramserver.coordinator import Coordinator
-from paramserver.errors import ProtocolError
+from paramserver.errors import DeadlineExceeded, ProtocolError
 from paramserver.protocol import VERSION, ErrorCode
-from tests.conftest import FAST
+from paramserver.transport import Channel
+from tests.conftest import FAST, free_port_block
 
 P = protocol
 WORKER, INCARNATION, SEQ = 3, 0, 77
@@ -409,3 +410,21 @@ def test_duplicate_push_applies_once(shard):
     grad = torch.from_numpy(np.concatenate(_grads(shard.chunks)))
     _assert_ulp_close(shard.core.param.detach(), oracle(init, RUN.optimizer, [grad]))
     assert shard.core.pushes == 1
+
+
+def test_a_channel_looped_back_to_itself_gives_up_at_once_and_frees_the_port():
+    port = free_port_block(1)
+    ctx = zmq.Context()
+    ch = Channel(ctx, f"tcp://127.0.0.1:{port};127.0.0.1:{port}", "coordinator")
+    try:
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="looped back to itself"):
+            ch.request(P.Status(v=VERSION, seq=ch.next_seq()), timeout=10.0)
+        assert time.monotonic() - started < 5.0  # it knew, instead of waiting out the deadline
+        # the server can now bind its port: the loop's socket no longer holds it
+        server = ctx.socket(zmq.ROUTER)
+        server.bind(f"tcp://127.0.0.1:{port}")
+        server.close(linger=0)
+    finally:
+        ch.close()
+        ctx.term()
