@@ -225,7 +225,10 @@ class Coordinator:
             log.warning("malformed reply from a shard: %s", e)
             return
         h = msg.header
-        if isinstance(h, protocol.ShardStats):
+        if isinstance(h, protocol.REQUESTS):
+            # our membership message came back: that channel is connected to itself
+            next(ch for ch in self.channels if ch.sock is sock).looped_back(h)
+        elif isinstance(h, protocol.ShardStats):
             self._observe_rate(h)
             self.stats[h.index] = h
         elif isinstance(h, protocol.CheckpointOk):

@@ -412,19 +412,37 @@ def test_duplicate_push_applies_once(shard):
     assert shard.core.pushes == 1
 
 
-def test_a_channel_looped_back_to_itself_gives_up_at_once_and_frees_the_port():
-    port = free_port_block(1)
+def looped(port: int) -> str:
+    """An address whose connection reaches itself, as a connect to a local port nothing
+    listens on can by drawing that very port as its source: zmq's `source;destination`."""
+    return f"tcp://127.0.0.1:{port};127.0.0.1:{port}"
+
+
+def test_a_channel_looped_back_to_itself_gives_up_at_once_and_lets_the_port_go():
     ctx = zmq.Context()
-    ch = Channel(ctx, f"tcp://127.0.0.1:{port};127.0.0.1:{port}", "coordinator")
+    ch = Channel(ctx, looped(free_port_block(1)), "coordinator")
+    first = ch.sock
     try:
         started = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="looped back to itself"):
             ch.request(P.Status(v=VERSION, seq=ch.next_seq()), timeout=10.0)
         assert time.monotonic() - started < 5.0  # it knew, instead of waiting out the deadline
-        # the server can now bind its port: the loop's socket no longer holds it
-        server = ctx.socket(zmq.ROUTER)
-        server.bind(f"tcp://127.0.0.1:{port}")
-        server.close(linger=0)
+        assert first.closed and ch.sock is not first  # the loop held the server's port
     finally:
         ch.close()
+        ctx.term()
+
+
+def test_coordinator_lets_go_of_a_shard_connection_looped_back_to_itself():
+    ctx = zmq.Context()
+    shard = P.ShardSpec(index=0, address=looped(free_port_block(1)), chunks=[(0, 0, 4)])
+    c = Coordinator(ctx, "tcp://127.0.0.1:0", RunConfig(), [shard], FAST)
+    first = c.channels[0].sock
+    try:
+        deadline = time.monotonic() + 10
+        while not first.closed and time.monotonic() < deadline:
+            c.serve_once(100)  # its ticks send the shard the live set, which comes back
+        assert first.closed and c.channels[0].sock is not first
+    finally:
+        c.close()
         ctx.term()
