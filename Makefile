@@ -20,11 +20,11 @@ demo: $(STAMP)
 
 # the suite minus the slow marker: under 15 minutes on 2 cores
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
 # more crash points and comparisons; .ci/run runs these too
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=10
 
 lint: $(STAMP)
 	$(BIN)/ruff check paramserver workers tests bench
