@@ -8,6 +8,7 @@ deadline. A shard exits by itself when its launcher disappears.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import multiprocessing
 import os
@@ -110,7 +111,9 @@ def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, par
             server.metrics.serve(spec.host, spec.metrics_port + 1 + index)
         events.emit("start", shard=index, address=server.address, version=core.version, resumed_from=resume_file)
     except (zmq.ZMQError, PSError, OSError) as e:
-        ready.put((index, None, f"shard {index} at {address}: {e}"))
+        taken = isinstance(e, zmq.ZMQError) and e.errno == errno.EADDRINUSE
+        hint = "; the shards take the ports after --port's: choose another --port" if taken else ""
+        ready.put((index, None, f"shard {index} at {address}: {e}{hint}"))
         _end(ctx, spec)
         return
     ready.put((index, server.address, None))
@@ -122,7 +125,8 @@ def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, par
 def _end(ctx: zmq.Context, spec: ServerSpec) -> None:
     if spec.security:
         spec.security.stop()
-    ctx.term()
+    # destroy, not term: a socket left open on some error path would make term wait forever
+    ctx.destroy(linger=0)
 
 
 def shard_address(host: str, port: int, index: int) -> str:

@@ -21,7 +21,7 @@ from .errors import DeadlineExceeded, ProtocolError
 from .events import EventLog
 from .metrics import CoordinatorMetrics
 from .protocol import VERSION, ErrorCode
-from .security import ServerSecurity, make_server, user_id
+from .security import ServerSecurity, user_id
 from .sharding import Layout
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,7 @@ class Coordinator:
         self.events = events or EventLog()
         self.security = security
         self.keys = security.keys if security else None  # also our client identity towards the shards
-        self.sock = transport.socket(ctx, zmq.ROUTER)
-        if security:
-            make_server(self.sock, security.keys)
-        self.address = transport.bind(self.sock, address)
+        self.sock, self.address = transport.listen(ctx, address, self.keys)
         self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}", self.keys) for s in shards]
         self.members = Members(timeouts.heartbeat_timeout, run.partitions)
         self.stats: dict[int, protocol.ShardStats] = {}

@@ -25,7 +25,7 @@ from .errors import ConfigError, ProtocolError
 from .events import EventLog
 from .metrics import ShardMetrics
 from .protocol import VERSION, ErrorCode
-from .security import ServerSecurity, make_server, user_id
+from .security import ServerSecurity, user_id
 from .sharding import Chunk
 
 log = logging.getLogger(__name__)
@@ -330,10 +330,7 @@ class ShardServer:
         self.metrics = ShardMetrics(core.index)  # served only if serve_metrics is called
         self._last_update: float | None = None
         core.on_apply = self._applied
-        self.sock = transport.socket(ctx, zmq.ROUTER)
-        if security:
-            make_server(self.sock, security.keys)
-        self.address = transport.bind(self.sock, address)
+        self.sock, self.address = transport.listen(ctx, address, security.keys if security else None)
         self.deferred: list[tuple[bytes, protocol.Pull, float, float]] = []  # (.., deadline, arrived)
         self.checkpoint_request: tuple[bytes, protocol.Checkpoint] | None = None
         self.bytes_pushed = self.bytes_pulled = 0

@@ -47,6 +47,22 @@ def bind(sock: zmq.Socket, address: str) -> str:
     return address
 
 
+def listen(ctx: zmq.Context, address: str, keys=None) -> tuple[zmq.Socket, str]:
+    """A ROUTER bound at `address` (a CURVE server with security.Keys `keys`) and the
+    address peers should use. A failed bind leaves no socket open: one would keep the
+    context's `term` waiting forever, and the process from ever ending."""
+    sock = socket(ctx, zmq.ROUTER)
+    try:
+        if keys is not None:
+            from .security import make_server
+
+            make_server(sock, keys)
+        return sock, bind(sock, address)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+
+
 def send(sock: zmq.Socket, frames: list, flags: int = 0, trackers: list | None = None) -> int:
     """Send frames, large ones without a copy; returns the bytes put on the wire.
 

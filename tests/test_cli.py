@@ -1,8 +1,10 @@
 """The three CLIs as a user runs them: real subprocesses on loopback, each ended by pid."""
 
 import json
+import socket
 import time
 
+import psutil
 import pytest
 
 from .conftest import cli as run
@@ -100,8 +102,6 @@ def test_environment_variables_set_options(procs):
 
 
 def test_ctrl_c_stops_every_server_process(procs):
-    import psutil
-
     port = free_port_block(3)
     server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2")
     deadline = time.monotonic() + 60
@@ -115,6 +115,29 @@ def test_ctrl_c_stops_every_server_process(procs):
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert "Traceback" not in server.communicate()[1]
+
+
+@pytest.mark.parametrize("taken", [0, 1], ids=["coordinator port", "shard port"])
+def test_server_whose_port_is_taken_exits_with_the_error_and_leaves_nothing(procs, taken):
+    port = free_port_block(3)
+    children: dict[int, psutil.Process] = {}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port + taken))
+        holder.listen()
+        server = procs.start("ps-server", "start", "--port", str(port), "--shards", "1")
+        deadline = time.monotonic() + 60
+        while server.poll() is None and time.monotonic() < deadline:
+            try:
+                children.update((c.pid, c) for c in psutil.Process(server.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        assert server.wait(timeout=5) != 0
+    err = server.communicate()[1]
+    assert "Address already in use" in err and "choose another --port" in err, err[-2000:]
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(list(children.values()), timeout=10)
+    assert not alive, f"left running: {[p.pid for p in alive]}"
 
 
 def test_worker_with_a_bad_codec_exits_with_the_error(procs):
