@@ -13,16 +13,18 @@ from .transport import Channel
 def _ask(server: str, header_type, timeout: float, ctx: zmq.Context | None, keys=None):
     own = ctx is None
     ctx = ctx or zmq.Context()
-    channel = Channel(ctx, server, "coordinator", keys)
     try:
-        return channel.request(header_type(v=VERSION, seq=channel.next_seq()), timeout=timeout).header
-    except DeadlineExceeded:
-        if channel.handshake_refused():
-            raise DeadlineExceeded(f"the server at {server} refused our CURVE key") from None
-        raise DeadlineExceeded(f"no reply from a coordinator at {server} within {timeout}s; "
-                               "is `ps-server start` running there?") from None
+        channel = Channel(ctx, server, "coordinator", keys)
+        try:
+            return channel.request(header_type(v=VERSION, seq=channel.next_seq()), timeout=timeout).header
+        except DeadlineExceeded:
+            if channel.handshake_refused():
+                raise DeadlineExceeded(f"the server at {server} refused our CURVE key") from None
+            raise DeadlineExceeded(f"no reply from a coordinator at {server} within {timeout}s; "
+                                   "is `ps-server start` running there?") from None
+        finally:
+            channel.close()
     finally:
-        channel.close()
         if own:
             ctx.term()
 

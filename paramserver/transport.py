@@ -15,7 +15,7 @@ import time
 import zmq
 
 from . import protocol
-from .errors import DeadlineExceeded, Interrupted, ProtocolError, RemoteError
+from .errors import ConfigError, DeadlineExceeded, Interrupted, ProtocolError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +124,22 @@ class Channel:
 
     def _connect(self) -> zmq.Socket:
         s = socket(self.ctx, zmq.DEALER)
-        if self.keys is not None:
-            from .security import make_client
+        try:
+            if self.keys is not None:
+                from .security import make_client
 
-            make_client(s, self.keys)
-            # a refused key shows only as a monitor event: the peer just stays silent
-            self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
-        s.connect(self.address)
+                make_client(s, self.keys)
+                # a refused key shows only as a monitor event: the peer just stays silent
+                self.monitor = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            s.connect(self.address)
+        except zmq.ZMQError as e:
+            # nothing left open: an open socket would keep the context's term waiting forever
+            if self.monitor is not None:
+                self.monitor.close(linger=0)
+                self.monitor = None
+            s.close(linger=0)
+            raise ConfigError(f"cannot connect to {self.address!r}: {e}; "
+                              "an address looks like tcp://host:port") from None
         self._poller = poller(s)
         return s
 

@@ -51,6 +51,15 @@ def test_worker_whose_connection_loops_back_to_itself_fails_clearly():
     assert "no coordinator answered" in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:notaport", "bogus://x"])
+@pytest.mark.parametrize("command", [("ps-worker", "join"), ("ps-server", "status")], ids=" ".join)
+def test_a_malformed_server_address_is_refused_clearly(command, address):
+    out = run(*command, "--server", address, timeout=30)
+    assert out.returncode != 0
+    assert f"cannot connect to {address!r}" in out.stderr and "tcp://host:port" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
 def test_sim_run_writes_report(tmp_path):
     report = tmp_path / "r"
     out = run("ps-sim", "run", "--workers", "2", "--shards", "2", "--steps", "150", "--consistency", "asp",
