@@ -79,6 +79,10 @@ def start(host, port, shards, max_steps, checkpoint_dir, checkpoint_every, keep,
     from .security import ServerSecurity
 
     logsetup.setup(log_level)
+    for name, base in (("--port", port), ("--metrics-port", metrics_port)):
+        if base and base + shards > 65535:  # zmq would wrap a port past 65535 around
+            raise ConfigError(f"{name} {base} with --shards {shards} needs ports up to {base + shards}; "
+                              f"choose a {name} of at most {65535 - shards}")
     security = ServerSecurity.load(curve_secret_key, authorized_keys)
     cluster.check_bind(host, insecure, security is not None)
     t, run = timeouts(kw), run_config(kw, max_steps)

@@ -96,6 +96,8 @@ def test_help_shows_defaults_and_env_vars(command):
     (("ps-server", "start", "--consistency", "ssp:x"), "unknown consistency"),
     (("ps-server", "start", "--task", "no_such_module:build"), "cannot load task"),
     (("ps-server", "start", "--codec", "zip"), "unknown codec"),
+    (("ps-server", "start", "--port", "65535", "--shards", "2"), "choose a --port of at most 65533"),
+    (("ps-server", "start", "--metrics-port", "65535"), "choose a --metrics-port of at most 65534"),
     (("ps-sim", "run", "--bogus"), "No such option"),
     (("ps-server", "status", "--server", "tcp://127.0.0.1:1", "--timeout", "0.5"), "no reply"),
 ])
