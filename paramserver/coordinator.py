@@ -224,7 +224,7 @@ class Coordinator:
         h = msg.header
         if isinstance(h, protocol.REQUESTS):
             # our membership message came back: that channel is connected to itself
-            next(ch for ch in self.channels if ch.sock is sock).looped_back(h)
+            next(ch for ch in self.channels if ch.sock is sock).let_go_of_loop()
         elif isinstance(h, protocol.ShardStats):
             self._observe_rate(h)
             self.stats[h.index] = h

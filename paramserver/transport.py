@@ -196,7 +196,8 @@ class Channel:
                 log.warning("dropping malformed reply from %s: %s", self.name, e)
                 continue
             self.bytes_received += msg.wire_bytes  # every frame's bytes, as nbytes(frames) counts them
-            if self.looped_back(msg.header):
+            if isinstance(msg.header, protocol.REQUESTS):
+                self.let_go_of_loop()
                 raise DeadlineExceeded(f"the connection to {self.name} looped back to itself: "
                                        f"nothing listens at {self.address}")
             if msg.header.seq != seq:
@@ -205,19 +206,16 @@ class Channel:
                 raise RemoteError(msg.header.code, msg.header.message)
             return msg
 
-    def looped_back(self, header) -> bool:
-        """Whether `header`, received here, is a request, ours: then this socket is
-        connected to itself, and is replaced by a fresh one.
+    def let_go_of_loop(self) -> None:
+        """A fresh socket for one that received a request (`protocol.REQUESTS`), its own:
+        it is connected to itself.
 
         A TCP connect to a local port that nothing listens on can draw that very port as
         its source and reach itself, and DEALER to DEALER handshakes fine. The loop would
         hold the port (the server could then not bind it) and answer nothing, ever.
         """
-        if not isinstance(header, protocol.REQUESTS):
-            return False
         log.warning("the connection to %s looped back to itself; connecting again", self.name)
         self.reset()
-        return True
 
     def request(self, header, buffers=(), timeout: float = 10.0) -> protocol.Decoded:
         self.send(header, buffers)
