@@ -1,5 +1,5 @@
-"""A shard: one range of the model's flat parameters, its optimizer, and the rules
-that decide when a push is applied and when a pull may be served.
+"""A shard: one range of the model's flat parameters (`weights.Weights`, with its
+optimizer), and the rules that decide when a push is applied and when a pull may be served.
 
 `ShardCore` is pure (values in, values out, no sockets); `ShardServer` is the
 thin I/O shell around it: one ROUTER socket, one thread, a handler table.
@@ -7,18 +7,16 @@ thin I/O shell around it: one ROUTER socket, one thread, a handler table.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import zmq
 
-from . import checkpoint, codecs, consistency, optim, protocol, sharding, transport
+from . import checkpoint, codecs, consistency, protocol, transport
 from .config import RunConfig, Timeouts
 from .consistency import APPLY, DUPLICATE, QUEUE, STALE
 from .errors import ConfigError, ProtocolError
@@ -27,6 +25,7 @@ from .metrics import ShardMetrics
 from .protocol import VERSION, ErrorCode
 from .security import ServerSecurity, user_id
 from .sharding import Chunk
+from .weights import Weights
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +62,12 @@ class ShardCore:
         # --min-workers holds rounds back only until one has had that many workers: it is
         # for the start of a run, not for a run that later shrinks (workers that finished or left)
         self._filled = False
-        self.lo = chunks[0].start if chunks else 0
-        self.numel = sum(c.numel for c in chunks)
-        self.param = init.detach().clone().float()  # flat, shape (numel,)
-        # the optimizer steps one Parameter per chunk, each a view of `param`: a push's
-        # frames then serve as gradients as received, without assembling a flat copy
-        self._views = [torch.nn.Parameter(v) for v in self._slices(self.param)]
-        self.optimizer = optim.make(self._views, run.optimizer)
-        self._step = optim.stepper(self.optimizer)
+        self.weights = Weights(chunks, init, run.optimizer, run.pull_part_bytes)
+        self.lo, self.numel = self.weights.lo, self.weights.numel
         self.policy = consistency.policy(run.consistency)
         self.aggregate = consistency.aggregator(run.aggregate)
         self.expected = {c.key: c.numel for c in chunks}
-        # what a whole float32 pull answer says of its frames: the same for every answer
-        self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
-        self._float32_parts = sharding.parts(chunks, run.pull_part_bytes)
         self._mean_out: list[torch.Tensor] | None = None  # bsp: where a round's mean is summed
-        # frames of pulls still being sent read param's memory in place (zero-copy);
-        # pins are their trackers, retired buffers earlier param memory still in flight
-        self._pins: list = []
-        self._retired: list[tuple[torch.Tensor, list]] = []
-        # delta pulls: worker -> (token, the weights as last sent to it)
-        self._sent: dict[int, tuple[int, np.ndarray]] = {}
-        self._tokens = itertools.count(1)
         # told of every update: on_apply(staleness, seconds the step took)
         self.on_apply = None
         self.version = self.updates = 0
@@ -108,18 +91,12 @@ class ShardCore:
                 self.clocks[worker] = clock  # new or re-joined: starts at the clock it was given
         self.live = dict(live)
         self.clocks = {w: c for w, c in self.clocks.items() if w in live}
-        self._sent = {w: v for w, v in self._sent.items() if w in live}
+        self.weights.forget(live)
         self._maybe_close_round()
-
-    def _slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Views of `flat`, one per chunk in key order (the whole of it when there are none)."""
-        if not self.chunks:
-            return [flat]
-        return [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """A flat gradient of shape (numel,) in the per-chunk form `push` takes."""
-        return self._slices(flat)
+        return self.weights.slices(flat)
 
     def decode_push(self, header: protocol.Push, buffers: list[memoryview]) -> list[torch.Tensor]:
         """The validated gradient of a push, one float32 tensor per chunk in key order;
@@ -178,7 +155,7 @@ class ShardCore:
         pushes = list(self.pending.values())
         self.pending.clear()
         if self._mean_out is None:
-            self._mean_out = self._slices(torch.empty(self.numel, dtype=torch.float32))
+            self._mean_out = self.weights.slices(torch.empty(self.numel, dtype=torch.float32))
         self._apply([self.aggregate([g[i] for g in pushes], out=out) for i, out in enumerate(self._mean_out)],
                     self.version)
         return True
@@ -206,13 +183,9 @@ class ShardCore:
     def _apply(self, grads: list[torch.Tensor], base_version: int) -> int:
         staleness = self.version - base_version
         self.max_staleness = max(self.max_staleness, staleness)
-        self._make_writable()
+        self.weights.make_writable()
         started = time.perf_counter()
-        for p, g in zip(self._views, grads):
-            p.grad = g
-        self._step()
-        for p in self._views:
-            p.grad = None
+        self.weights.step(grads)
         self.version += 1
         self.updates += 1
         if self.on_apply is not None:
@@ -227,68 +200,6 @@ class ShardCore:
             self.max_clock_gap = max(self.max_clock_gap, header.clock - min(self.clocks.values()))
         return ready
 
-    def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
-        """The current weights as (metas, buffers), one float32 frame per chunk.
-
-        The buffers are param's own memory: whoever sends them without a copy
-        must `pin` the send, so that the next update leaves them alone.
-        """
-        flat = self.param.numpy()
-        return self._float32_metas, [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
-
-    def parts(self, codec: str) -> list[tuple[int, int]]:
-        """The answer's messages as [start, stop) runs of its chunks. Only whole float32
-        answers are cut: the others are encoded (a copy) before they go, and are smaller."""
-        return self._float32_parts if codec == "none" else [(0, len(self.chunks))]
-
-    def encoded(self, codec: str, worker: int, have: int) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
-        """The current weights for a pull asking for `codec` other than none, in frames of
-        their own memory: (metas, buffers, token); token is 0 unless codec is delta."""
-        if codec != codecs.delta.NAME:
-            enc = codecs.for_wire(codec)
-            metas, buffers = [], []
-            for c, view in zip(self.chunks, self._slices(self.param)):
-                dtype, shape, params, buf = enc.encode(c.key, view)
-                metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=codec, params=params))
-                buffers.append(buf)
-            return metas, buffers, 0
-        flat = self.param.numpy()
-        token, sent = self._sent.get(worker, (0, None))
-        if sent is None or not have or have != token:
-            sent = np.full(self.numel, np.nan, dtype=np.float32)  # matches nothing: every chunk goes whole
-        metas, buffers = [], []
-        for c in self.chunks:
-            a, b = c.start - self.lo, c.stop - self.lo
-            meta, buf = codecs.delta.encode(c.key, flat[a:b], sent[a:b])
-            metas.append(meta)
-            buffers.append(buf)
-        token = next(self._tokens)
-        if worker in self.live:  # observers and strangers get whole weights, nothing kept
-            self._sent[worker] = (token, sent)
-        return metas, buffers, token
-
-    def pin(self, trackers: list) -> None:
-        """Frames that read the current weights in place are in flight until each `.done`."""
-        self._pins.extend(trackers)
-
-    def _make_writable(self) -> None:
-        """Before param changes in place: if frames in flight still read its memory,
-        leave that memory to them and move param to a copy (a free retired buffer
-        when there is one: fresh large allocations page-fault)."""
-        self._pins = [p for p in self._pins if not p.done]
-        if not self._pins:
-            return
-        busy = [(b, ps) for b, ps in self._retired if not all(p.done for p in ps)]
-        free = [b for b, ps in self._retired if all(p.done for p in ps)]
-        target = free.pop() if free else torch.empty_like(self.param)
-        target.copy_(self.param)
-        busy.append((self.param, self._pins))
-        self.param = target
-        for p, view in zip(self._views, self._slices(target)):
-            p.data = view
-        self._retired = busy + [(b, []) for b in free[:1]]
-        self._pins = []
-
     def meta(self) -> dict:
         """What a checkpoint keeps besides the tensors."""
         return {
@@ -302,10 +213,7 @@ class ShardCore:
         if meta["lo"] != self.lo or tensors["param"].numel() != self.numel:
             raise ConfigError(f"shard {self.index}: checkpoint holds [{meta['lo']}:+{tensors['param'].numel()}], "
                               f"this shard [{self.lo}:+{self.numel}]")
-        self._make_writable()
-        with torch.no_grad():
-            self.param.copy_(tensors["param"])
-        checkpoint.restore_optimizer(self.optimizer, tensors, groups)
+        self.weights.load(tensors, groups)
         self.version, self.updates = meta["version"], meta["updates"]
         self.max_staleness = meta.get("max_staleness", 0)
         self.high_water = {w: (inc, seq) for w, inc, seq in meta.get("high_water", [])}
@@ -448,12 +356,14 @@ class ShardServer:
 
     def _send_weights(self, identity: bytes, h: protocol.Pull, arrived: float, staleness: int = 0) -> None:
         trackers, token = [], 0
+        weights = self.core.weights
         if h.codec == "none":
-            metas, buffers = self.core.snapshot()
+            metas, buffers = weights.snapshot()
         else:
-            metas, buffers, token = self.core.encoded(h.codec, h.worker_id, h.have)
+            # observers and strangers get whole weights, nothing kept
+            metas, buffers, token = weights.encoded(h.codec, h.worker_id, h.have, keep=h.worker_id in self.core.live)
             trackers = None  # frames of their own: nothing to pin
-        runs, sent = self.core.parts(h.codec), 0
+        runs, sent = weights.parts(h.codec), 0
         for part, (a, b) in enumerate(runs):
             header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas[a:b],
                                      finished=self.core.finished, token=token, staleness=staleness,
@@ -463,7 +373,7 @@ class ShardServer:
                 break  # dropped: the parts after it could not complete the answer
             sent += n
         if trackers:
-            self.core.pin(trackers)
+            weights.pin(trackers)
         self.bytes_pulled += sent
         t = None if h.observer else self._traffic(h.worker_id)
         if t is not None:
@@ -526,8 +436,8 @@ class ShardServer:
             name = f"shard-{self.core.index}.safetensors"
             try:
                 path = os.path.join(self.checkpoint_root, h.directory, name)
-                digest = checkpoint.save_shard(path, self.core.param,
-                                               self.core.optimizer, self.core.meta())
+                weights = self.core.weights
+                digest = checkpoint.save_shard(path, weights.param, weights.optimizer, self.core.meta())
             except Exception as e:  # disk full, directory removed (abandoned): the run goes on
                 log.warning("shard %d: checkpoint write failed: %s", self.core.index, e)
                 reply = protocol.error_reply(h.seq, ErrorCode.INTERNAL, f"checkpoint write failed: {e}")

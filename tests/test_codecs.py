@@ -427,7 +427,7 @@ def train_in_process(run: RunConfig, rounds: int, workers: int = 4) -> list[dict
             for w in range(workers)]
     curve = []
     for step in range(rounds):
-        params.copy_(core.param.detach())
+        params.copy_(core.weights.param.detach())
         for w in range(workers):
             batch = data[w].at(step)
             grads.zero_()
@@ -438,7 +438,7 @@ def train_in_process(run: RunConfig, rounds: int, workers: int = 4) -> list[dict
             core.push(push, core.decode_push(push, list(frames)))
         assert core.version == step + 1
         if (step + 1) % 50 == 0:
-            params.copy_(core.param.detach())
+            params.copy_(core.weights.param.detach())
             curve.append(task.evaluate())
     return curve
 

@@ -12,8 +12,8 @@ from torch import nn
 from paramserver import codecs, consistency, optim, protocol, sharding
 from paramserver.config import Consistency, OptimizerConfig, RunConfig
 from paramserver.consistency import APPLY, DUPLICATE, QUEUE, STALE, Asp, Bsp, Ssp
-from paramserver.coordinator import Members
 from paramserver.errors import ConfigError, ProtocolError
+from paramserver.membership import Members
 from paramserver.protocol import VERSION, ErrorCode
 from paramserver.shard import ShardCore
 
@@ -191,7 +191,7 @@ def pull_ready(core: ShardCore, worker: int, clock: int, observer: bool = False)
 
 
 def state(core: ShardCore) -> tuple:
-    return (core.param.detach().clone(), core.version, core.updates, core.pushes, dict(core.clocks),
+    return (core.weights.param.detach().clone(), core.version, core.updates, core.pushes, dict(core.clocks),
             {w: torch.cat(g) for w, g in core.pending.items()})
 
 
@@ -212,11 +212,11 @@ def test_bsp_round_closes_when_both_pushed_with_the_mean(order):
     first, second = order
     out = push(core, first, 0, (G0, G1)[first])
     assert (out.version, out.applied) == (0, False)
-    assert torch.equal(core.param.detach(), INIT) and core.waiting_for() == [second]
+    assert torch.equal(core.weights.param.detach(), INIT) and core.waiting_for() == [second]
     assert not pull_ready(core, first, 1) and pull_ready(core, second, 0)
     out = push(core, second, 0, (G0, G1)[second])
     assert (out.version, out.applied) == (1, True)
-    assert torch.equal(core.param.detach(), INIT - LR * (G0 + G1) / 2)
+    assert torch.equal(core.weights.param.detach(), INIT - LR * (G0 + G1) / 2)
     assert pull_ready(core, first, 1) and core.waiting_for() == [] and core.clocks == {0: 1, 1: 1}
 
 
@@ -240,7 +240,7 @@ def test_bsp_retried_push_is_counted_once():
     push(core, 0, 0, G0, seq=5)
     push(core, 0, 0, G0 * 100, seq=5)  # a retry of the same message
     push(core, 1, 0, G1)
-    assert torch.equal(core.param.detach(), INIT - LR * (G0 + G1) / 2)
+    assert torch.equal(core.weights.param.detach(), INIT - LR * (G0 + G1) / 2)
     push(core, 0, 0, G0, seq=5)  # a late retry after the round closed: acknowledged, not stale
     assert core.version == 1
 
@@ -260,7 +260,7 @@ def test_bsp_membership_shrink_closes_a_waiting_round(live):
     assert core.version == 0
     core.set_live(live)
     assert core.version == 1 and not core.pending
-    assert torch.equal(core.param.detach(), INIT - LR * G0)
+    assert torch.equal(core.weights.param.detach(), INIT - LR * G0)
     assert set(core.clocks) == set(live)
 
 
@@ -281,7 +281,7 @@ def test_asp_applies_each_push_once():
     assert push(core, 0, 0, G0, seq=7).applied
     assert push(core, 0, 0, G0, seq=7).applied  # a retry: acknowledged
     assert push(core, 1, 5, G1).version == 2
-    assert torch.equal(core.param.detach(), INIT - LR * G0 - LR * G1)
+    assert torch.equal(core.weights.param.detach(), INIT - LR * G0 - LR * G1)
 
 
 @pytest.mark.parametrize(("clock", "ready"), [(0, True), (1, True), (2, True), (3, False), (7, False)])
@@ -359,17 +359,17 @@ class Tracker:
 def test_weights_in_flight_are_never_changed_under_a_pull():
     core = make_core("asp")
     core.set_live({0: (0, 0)})
-    _, frames = core.snapshot()
+    _, frames = core.weights.snapshot()
     sent = [f.copy() for f in frames]
     tracker = Tracker()
-    core.pin([tracker])  # the pull's frames point into the weights and have not left yet
+    core.weights.pin([tracker])  # the pull's frames point into the weights and have not left yet
     push(core, 0, 0, G0)
     assert all(np.array_equal(f, s) for f, s in zip(frames, sent))  # the frames still read version 0
-    assert torch.equal(core.param, INIT - LR * G0)  # the update went to a copy
+    assert torch.equal(core.weights.param, INIT - LR * G0)  # the update went to a copy
     tracker.done = True
-    moved_to = core.param.data_ptr()
+    moved_to = core.weights.param.data_ptr()
     push(core, 0, 1, G1)  # nothing in flight: updated in place, no copy
-    assert core.param.data_ptr() == moved_to and torch.equal(core.param, INIT - LR * (G0 + G1))
+    assert core.weights.param.data_ptr() == moved_to and torch.equal(core.weights.param, INIT - LR * (G0 + G1))
 
 
 def test_a_checkpoint_keeps_optimizer_state_across_chunks(tmp_path):
@@ -383,16 +383,16 @@ def test_a_checkpoint_keeps_optimizer_state_across_chunks(tmp_path):
     for clock, g in enumerate(grads[:2]):
         push(a, 0, clock, g)
     path = str(tmp_path / "shard-0.safetensors")
-    checkpoint.save_shard(path, a.param, a.optimizer, a.meta())
+    checkpoint.save_shard(path, a.weights.param, a.weights.optimizer, a.meta())
     b = ShardCore(0, chunks, torch.zeros(10), run)
     b.restore(*checkpoint.load_shard(path))
     b.set_live({0: (0, 0)})
     push(a, 0, 2, grads[2])
     push(b, 0, 2, grads[2])  # same moments and step count: the same next update, bit for bit
-    assert torch.equal(a.param, b.param)
+    assert torch.equal(a.weights.param, b.weights.param)
 
 
-# -- coordinator.Members -----------------------------------------------------------
+# -- membership.Members -----------------------------------------------------------
 
 
 def heartbeat(worker: int, incarnation: int, clock: int = 0) -> protocol.Heartbeat:

@@ -83,7 +83,7 @@ def test_a_multi_chunk_shard_answers_in_parts_that_hold_its_weights_exactly(shar
     keys = [t.key for m in parts for t in m.header.tensors]
     assert keys == [c.key for c in shard.chunks]  # whole chunks, in key order, each once
     got = np.concatenate([np.frombuffer(b, np.float32) for m in parts for b in m.buffers])
-    assert np.array_equal(got, shard.core.param.numpy())
+    assert np.array_equal(got, shard.core.weights.param.numpy())
     assert shard.server.bytes_pulled == sum(m.wire_bytes + 2 for m in parts)
 
 
@@ -101,14 +101,14 @@ def test_the_client_takes_parted_pulls_and_pushes_exactly_and_counts_every_part(
     total = shards.plan[-1][-1].stop
     client, weights = shards.client(), torch.full((total,), float("nan"))
     client.pull(weights, worker=0, clock=0, timeout=10)
-    assert torch.equal(weights, torch.cat([s.core.param for s in shards.servers]))
+    assert torch.equal(weights, torch.cat([s.core.weights.param for s in shards.servers]))
     grads = torch.linspace(-1, 1, total)
     got = client.push(grads, worker=0, incarnation=0, clock=0, base_version=0, timeout=10, pull_into=weights)
     assert got.version == 1
-    assert torch.equal(weights, torch.cat([s.core.param for s in shards.servers]))
+    assert torch.equal(weights, torch.cat([s.core.weights.param for s in shards.servers]))
     # a shard counts each reply with the 5-byte routing id zmq gives a peer, and counts an
     # answer just after sending its last part: the client may get there first
-    messages = [2 * len(s.core.parts("none")) for s in shards.servers]
+    messages = [2 * len(s.core.weights.parts("none")) for s in shards.servers]
     assert min(messages) >= 4
     deadline = time.monotonic() + 10
     while client.bytes_received != sum(s.bytes_pulled - 5 * n for s, n in zip(shards.servers, messages)):

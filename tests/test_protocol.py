@@ -294,12 +294,12 @@ def shard(shard_thread):
 def test_shard_refuses_and_lives_on(shard, bad):
     sock = shard.dealer()
     join(sock)
-    before, version = bits(shard.core.param), shard.core.version
+    before, version = bits(shard.core.weights.param), shard.core.version
     reply = ask(sock, bad.frames(shard.chunks))
     assert isinstance(reply.header, P.Error), reply.header
     assert reply.header.code == bad.code, reply.header
     assert bad.says.lower() in reply.header.message.lower()
-    assert bits(shard.core.param) == before
+    assert bits(shard.core.weights.param) == before
     assert shard.core.version == version and shard.core.updates == 0 and shard.core.rejected == 1
     pulled = ask(sock, P.encode(P.Pull(v=VERSION, seq=SEQ + 1, worker_id=WORKER, clock=0)))
     assert isinstance(pulled.header, P.PullOk) and pulled.header.seq == SEQ + 1
@@ -385,7 +385,7 @@ def _assert_ulp_close(actual, expected):
                          ids=lambda c: f"{c.name}-lr{c.lr}-wd{c.weight_decay}")
 def test_asp_push_is_one_torch_optim_step(shard_thread, cfg):
     s = shard_thread(RunConfig(consistency=Consistency("asp"), chunk_elems=4096, optimizer=cfg))
-    init = s.core.param.detach().clone()
+    init = s.core.weights.param.detach().clone()
     sock = s.dealer()
     join(sock)
     steps = []
@@ -394,21 +394,21 @@ def test_asp_push_is_one_torch_optim_step(shard_thread, cfg):
         # both pushes name base version 0: the second is applied one version later
         assert reply.header == P.PushOk(v=VERSION, seq=seq, version=len(steps) + 1, applied=True, staleness=len(steps))
         steps.append(torch.from_numpy(np.concatenate(_grads(s.chunks, seed=seq))))
-    assert not torch.equal(s.core.param.detach(), init)
-    _assert_ulp_close(s.core.param.detach(), oracle(init, cfg, steps))
+    assert not torch.equal(s.core.weights.param.detach(), init)
+    _assert_ulp_close(s.core.weights.param.detach(), oracle(init, cfg, steps))
 
 
 def test_duplicate_push_applies_once(shard):
-    init = shard.core.param.detach().clone()
+    init = shard.core.weights.param.detach().clone()
     sock = shard.dealer()
     join(sock)
     first = ask(sock, valid_push(shard.chunks, seq=SEQ))
-    after_one = bits(shard.core.param)
+    after_one = bits(shard.core.weights.param)
     again = ask(sock, valid_push(shard.chunks, seq=SEQ))
     assert first.header == again.header == P.PushOk(v=VERSION, seq=SEQ, version=1, applied=True)
-    assert bits(shard.core.param) == after_one and shard.core.version == 1
+    assert bits(shard.core.weights.param) == after_one and shard.core.version == 1
     grad = torch.from_numpy(np.concatenate(_grads(shard.chunks)))
-    _assert_ulp_close(shard.core.param.detach(), oracle(init, RUN.optimizer, [grad]))
+    _assert_ulp_close(shard.core.weights.param.detach(), oracle(init, RUN.optimizer, [grad]))
     assert shard.core.pushes == 1
 
 

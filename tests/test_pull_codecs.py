@@ -135,7 +135,7 @@ def test_a_pull_for_a_stranger_is_not_counted_or_kept(shard_set):
     shards = shard_set(SPARSE_SGD, 1)
     client = shards.client(pull_codec="delta")
     client.pull(torch.empty(shards.plan[-1][-1].stop), worker=42, clock=0, timeout=10)  # 42 is not a member
-    assert shards.servers[0].traffic == {} and shards.servers[0].core._sent == {}
+    assert shards.servers[0].traffic == {} and shards.servers[0].core.weights._sent == {}
 
 
 # -- end to end ------------------------------------------------------------------------

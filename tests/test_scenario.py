@@ -1,7 +1,7 @@
 """Simulation scenarios without processes or sockets: the option parsers, Scenario,
 Director's decisions, Fleet's bookkeeping (fake processes), the worker's Pace,
 local_update (against torch.optim.SGD), StepLog, the report merge, and where a
-returning worker's clock starts (coordinator.Members.join)."""
+returning worker's clock starts (membership.Members.join)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from paramserver import scenario, sharding, simreport, tasks
-from paramserver.coordinator import Members
 from paramserver.errors import ConfigError
+from paramserver.membership import Members
 from paramserver.protocol import VERSION, Heartbeat
 from paramserver.scenario import (
     KILL,
@@ -693,7 +693,7 @@ def test_write_makes_report_json_metrics_csv_and_png_plots(tmp_path, n_rows, plo
     assert written[1:] == [[str(r[c]) for c in simreport.COLUMNS] for r in rows]
 
 
-# -- coordinator.Members.join: where a returning worker's clock starts ---------------
+# -- membership.Members.join: where a returning worker's clock starts ---------------
 
 
 def members_at(clocks: dict[int, int]) -> Members:

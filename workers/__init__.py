@@ -4,6 +4,7 @@
     result = run_worker(WorkerConfig(server="tcp://127.0.0.1:5555", max_steps=100))
 """
 
-from .trainer import WorkerConfig, WorkerResult, run_worker
+from .config import WorkerConfig, WorkerResult
+from .trainer import run_worker
 
 __all__ = ["WorkerConfig", "WorkerResult", "run_worker"]

@@ -9,7 +9,8 @@ from paramserver.config import PULL_CODECS
 from paramserver.options import CLIENT_KEYS, ROUTE, WORKER_TIMEOUTS, apply, friendly, opt, timeouts
 from paramserver.progress import Bar
 
-from .trainer import WorkerConfig, run_worker
+from .config import WorkerConfig
+from .trainer import run_worker
 
 
 @click.group(context_settings={"show_default": True})

@@ -1,0 +1,136 @@
+"""A shard's weights: one flat float32 buffer, the optimizer that steps it, and the
+frames that pull answers send from it.
+
+Pure like `ShardCore`, which owns one: no sockets, no clocks. Split from the
+consistency rules because the two change for different reasons: this part is
+about memory (views, zero-copy frames still in flight, recycled buffers), that
+one about who may push and pull when.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+
+from . import checkpoint, codecs, optim, protocol, sharding
+from .config import OptimizerConfig
+from .sharding import Chunk
+
+
+class Weights:
+    def __init__(self, chunks: list[Chunk], init: torch.Tensor, optimizer: OptimizerConfig, part_bytes: int):
+        # init: the shard's slice of the flat initial weights, shape (numel,)
+        self.chunks = chunks
+        self.lo = chunks[0].start if chunks else 0
+        self.numel = sum(c.numel for c in chunks)
+        self.param = init.detach().clone().float()  # flat, shape (numel,)
+        # the optimizer steps one Parameter per chunk, each a view of `param`: a push's
+        # frames then serve as gradients as received, without assembling a flat copy
+        self._views = [torch.nn.Parameter(v) for v in self.slices(self.param)]
+        self.optimizer = optim.make(self._views, optimizer)
+        self._step = optim.stepper(self.optimizer)
+        # what a whole float32 pull answer says of its frames: the same for every answer
+        self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
+        self._float32_parts = sharding.parts(chunks, part_bytes)
+        # frames of pulls still being sent read param's memory in place (zero-copy);
+        # pins are their trackers, retired buffers earlier param memory still in flight
+        self._pins: list = []
+        self._retired: list[tuple[torch.Tensor, list]] = []
+        # delta pulls: worker -> (token, the weights as last sent to it)
+        self._sent: dict[int, tuple[int, np.ndarray]] = {}
+        self._tokens = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Weights [{self.lo}:{self.lo + self.numel}] pins={len(self._pins)}>"
+
+    def slices(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of `flat` (shape (numel,)), one per chunk in key order (the whole of it when there are none)."""
+        if not self.chunks:
+            return [flat]
+        return [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
+
+    def step(self, grads: list[torch.Tensor]) -> None:
+        """One optimizer step with `grads`, one float32 tensor per chunk in key order.
+        Call `make_writable` first."""
+        for p, g in zip(self._views, grads):
+            p.grad = g
+        self._step()
+        for p in self._views:
+            p.grad = None
+
+    def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
+        """The current weights as (metas, buffers), one float32 frame per chunk.
+
+        The buffers are param's own memory: whoever sends them without a copy
+        must `pin` the send, so that the next update leaves them alone.
+        """
+        flat = self.param.numpy()
+        return self._float32_metas, [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
+
+    def parts(self, codec: str) -> list[tuple[int, int]]:
+        """The answer's messages as [start, stop) runs of its chunks. Only whole float32
+        answers are cut: the others are encoded (a copy) before they go, and are smaller."""
+        return self._float32_parts if codec == "none" else [(0, len(self.chunks))]
+
+    def encoded(self, codec: str, worker: int, have: int, keep: bool) -> tuple[list[protocol.TensorMeta], list[np.ndarray], int]:
+        """The current weights for a pull asking for `codec` other than none, in frames of
+        their own memory: (metas, buffers, token); token is 0 unless codec is delta.
+        `keep`: remember what a delta answer sent, as the base of the worker's next one
+        (members only: the table must stay bounded)."""
+        if codec != codecs.delta.NAME:
+            enc = codecs.for_wire(codec)
+            metas, buffers = [], []
+            for c, view in zip(self.chunks, self.slices(self.param)):
+                dtype, shape, params, buf = enc.encode(c.key, view)
+                metas.append(protocol.TensorMeta(key=c.key, dtype=dtype, shape=shape, codec=codec, params=params))
+                buffers.append(buf)
+            return metas, buffers, 0
+        flat = self.param.numpy()
+        token, sent = self._sent.get(worker, (0, None))
+        if sent is None or not have or have != token:
+            sent = np.full(self.numel, np.nan, dtype=np.float32)  # matches nothing: every chunk goes whole
+        metas, buffers = [], []
+        for c in self.chunks:
+            a, b = c.start - self.lo, c.stop - self.lo
+            meta, buf = codecs.delta.encode(c.key, flat[a:b], sent[a:b])
+            metas.append(meta)
+            buffers.append(buf)
+        token = next(self._tokens)
+        if keep:
+            self._sent[worker] = (token, sent)
+        return metas, buffers, token
+
+    def forget(self, keep) -> None:
+        """Drop the delta bases of workers not in `keep`."""
+        self._sent = {w: v for w, v in self._sent.items() if w in keep}
+
+    def pin(self, trackers: list) -> None:
+        """Frames that read the current weights in place are in flight until each `.done`."""
+        self._pins.extend(trackers)
+
+    def make_writable(self) -> None:
+        """Before param changes in place: if frames in flight still read its memory,
+        leave that memory to them and move param to a copy (a free retired buffer
+        when there is one: fresh large allocations page-fault)."""
+        self._pins = [p for p in self._pins if not p.done]
+        if not self._pins:
+            return
+        busy = [(b, ps) for b, ps in self._retired if not all(p.done for p in ps)]
+        free = [b for b, ps in self._retired if all(p.done for p in ps)]
+        target = free.pop() if free else torch.empty_like(self.param)
+        target.copy_(self.param)
+        busy.append((self.param, self._pins))
+        self.param = target
+        for p, view in zip(self._views, self.slices(target)):
+            p.data = view
+        self._retired = busy + [(b, []) for b in free[:1]]
+        self._pins = []
+
+    def load(self, tensors: dict[str, torch.Tensor], groups: list) -> None:
+        """The weights and optimizer state of a checkpoint of this range (the caller checked that it is)."""
+        self.make_writable()
+        with torch.no_grad():
+            self.param.copy_(tensors["param"])
+        checkpoint.restore_optimizer(self.optimizer, tensors, groups)
