@@ -118,8 +118,13 @@ def test_resumed_bsp_run_ends_with_the_same_weights(make_cluster, tmp_path):
                      checkpoints=CheckpointConfig(roots[1], every=0.5, keep=5))
     for _ in range(3):
         c.add_worker(delay=0.01)
+    # the pids hold for the server's life: asked for before the run and its checkpoints
+    # keep the coordinator busy (once, in a full slow suite, a status asked for right
+    # after a checkpoint went unanswered for its 5 s)
+    pids = shard_pids(c)
     ckpt = wait_checkpoint(roots[1], 20, 60)
-    kill_server(c, shard_pids(c))
+    assert ckpt.manifest["updates"] < steps, "the run ended before a checkpoint inside it: nothing to resume"
+    kill_server(c, pids)
     c.start_server(resume=roots[1])
     results = c.wait_workers(timeout=120)
     assert all(r["reason"] == "finished" for r in results), results
