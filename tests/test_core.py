@@ -575,7 +575,7 @@ def test_the_shards_step_is_the_optimizers_own(cfg, tensors):
 @pytest.mark.parametrize("n", [1, 7, 33, 1024, 70_001])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38, -1e20])
 def test_finiteness_check_finds_nan_and_inf_anywhere_and_only_them(n, bad):
-    from paramserver.shard import _finite
+    from paramserver.weights import _finite
 
     base = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     assert _finite(torch.from_numpy(base))
