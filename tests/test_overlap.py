@@ -198,7 +198,8 @@ class DropFirstPushAnswer:
         self.thread.join(5)
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+# the overlap case (18 s) runs with the slow checks, to keep `make test` under its 15 minutes
+@pytest.mark.parametrize("overlap", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "overlap"])
 def test_a_lost_shard_answer_is_resent_and_the_push_applied_once(make_cluster, overlap):
     run = _run("adam")
     expected, _ = _train(make_cluster, run, overlap=False)

@@ -235,6 +235,7 @@ def _wire_per_raw(status: dict) -> float:
     return sum(x["pulled_wire"] for x in t) / sum(x["pulled_raw"] for x in t)
 
 
+@pytest.mark.slow  # two full training runs (23 s): with the slow checks, to keep `make test` under its 15 minutes
 def test_training_with_parted_answers_is_bit_identical_to_one_message_answers(make_cluster):
     # bsp of 2 workers (a sum of two is the same either way round): the weights depend on nothing
     # but the arithmetic; digits-cnn in 1024-element chunks, so every answer is several parts
