@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from .config import OptimizerConfig
 from .errors import ProtocolError
 from .protocol import ErrorCode
 from .sharding import Chunk
+
+# _finite's squares of huge finite entries overflow on purpose: the exact check follows
+warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
 
 
 class Weights:
@@ -67,11 +71,11 @@ class Weights:
             values = codecs.for_wire(meta.codec).decode(meta, buf, self.chunks[i].numel)
             if not values.flags.aligned:  # a small frame can sit at any offset of zmq's receive buffer
                 values = values.copy()
+            if not _finite(values):
+                raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
             grads[i] = torch.from_numpy(values)
         if not grads:
             return [torch.zeros(0)]
-        if not all(_finite(g) for g in grads):
-            raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
         if clip_norm > 0:
             norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
             if norm > clip_norm:
@@ -163,15 +167,16 @@ class Weights:
         checkpoint.restore_optimizer(self.optimizer, tensors, groups)
 
 
-def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in `t` (float32, shape (n,)).
+def _finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in `a` (float32, shape (n,)).
 
-    One pass without a temporary: the dot product t . t is finite unless `t` holds a
+    One pass without a temporary: the dot product a . a is finite unless `a` holds a
     NaN or an Inf, or its squares overflow float32 (entries near 1e19 and beyond);
-    only then does the exact check run, to tell the two apart. A tenth of the time
-    of an aminmax pass at 1 MB, and under half of numpy's isfinite at 4 KB.
+    only then does the exact check run, to tell the two apart. numpy's dot, not
+    torch's: the same single-threaded pass, but a shorter call, which is what a
+    small push pays for (with cold caches, as a shard between messages has them:
+    2.6 us against 7 us at 4 KB, 20 us against 30 us at 1 MB).
     """
-    if math.isfinite(torch.dot(t, t)):
+    if math.isfinite(np.dot(a, a)):
         return True
-    lo, hi = torch.aminmax(t)  # the extremes show both NaN and Inf
-    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+    return bool(np.isfinite(a).all())

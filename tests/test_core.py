@@ -574,13 +574,15 @@ def test_the_shards_step_is_the_optimizers_own(cfg, tensors):
 
 @pytest.mark.parametrize("n", [1, 7, 33, 1024, 70_001])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 3e38, -1e20])
+# weights.py ignores it; pytest puts its own filters around each test
+@pytest.mark.filterwarnings("ignore:overflow encountered in dot:RuntimeWarning")
 def test_finiteness_check_finds_nan_and_inf_anywhere_and_only_them(n, bad):
     from paramserver.weights import _finite
 
     base = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    assert _finite(torch.from_numpy(base))
+    assert _finite(base)
     for pos in {0, n // 2, n - 1}:
         x = base.copy()
         x[pos] = bad
         # huge finite entries overflow the one-pass check's squares: still finite
-        assert _finite(torch.from_numpy(x)) == bool(np.isfinite(bad)), (n, pos)
+        assert _finite(x) == bool(np.isfinite(bad)), (n, pos)
