@@ -44,7 +44,6 @@ import zmq
 
 from paramserver import admin, cluster, optim, tasks
 from paramserver.config import Consistency, OptimizerConfig, RunConfig, Timeouts
-from paramserver.sharding import Layout, unflatten
 
 from .common import SPAWN, Procs, children, get, parent_gone, reap_children
 
@@ -305,9 +304,7 @@ class Evaluator:
     def __call__(self, workload: Workload, flat: torch.Tensor) -> float:
         if workload.task not in self.tasks:
             self.tasks[workload.task] = tasks.build(workload.task, workload.seed)
-        task = self.tasks[workload.task]
-        task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
-        return task.evaluate()["accuracy"]
+        return self.tasks[workload.task].evaluate_flat(flat)["accuracy"]
 
 
 class Runner:

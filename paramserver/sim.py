@@ -22,7 +22,6 @@ from .config import SIM_EVAL_EVERY, RunConfig, Timeouts
 from .errors import PSError
 from .linkemu import LinkSpec
 from .scenario import Director, Fleet, Scenario
-from .sharding import Layout, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +266,4 @@ def _evaluate(fetched: tuple[dict, torch.Tensor], run: RunConfig, sim: SimConfig
 
 def evaluate_flat(run: RunConfig, flat: torch.Tensor) -> dict:
     """Test accuracy and loss of the flat weights (shape (total,)) on the run's task."""
-    task = tasks.build(run.task, run.seed)
-    task.model.load_state_dict(unflatten(flat, Layout.of(task.model)))
-    return task.evaluate()
+    return tasks.build(run.task, run.seed).evaluate_flat(flat)

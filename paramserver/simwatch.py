@@ -18,7 +18,6 @@ from .config import RunConfig
 from .errors import DeadlineExceeded
 from .progress import Bar
 from .scenario import Fleet
-from .sharding import Layout, unflatten
 
 if TYPE_CHECKING:
     from .sim import SimConfig
@@ -168,8 +167,7 @@ class Curve:
             _, flat = fetch(self.ctx, self.address, timeout=5.0)
         except DeadlineExceeded:
             return False
-        self.task.model.load_state_dict(unflatten(flat, Layout.of(self.task.model)))
-        m = self.task.evaluate()
+        m = self.task.evaluate_flat(flat)
         self.point(now, m["accuracy"], m["loss"], updates)
         self.weights = flat
         return m["accuracy"] >= self.target

@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import parse_partition
 from .errors import ConfigError
+from .sharding import Layout, unflatten
 
 Pair = tuple[torch.Tensor, torch.Tensor]  # (inputs (n, ...), targets (n,))
 
@@ -47,6 +48,12 @@ class Task:
             loss = float(self.loss(out, y))
             accuracy = float((out.argmax(dim=1) == y).float().mean()) if out.dim() == 2 else float("nan")
         return {"accuracy": accuracy, "loss": loss}
+
+    def evaluate_flat(self, flat: torch.Tensor) -> dict:
+        """`evaluate` of the flat weights `flat` (shape (total,), as the server holds
+        them), loaded into the task's own model."""
+        self.model.load_state_dict(unflatten(flat, Layout.of(self.model)))
+        return self.evaluate()
 
 
 def _digits() -> tuple[Pair, Pair]:

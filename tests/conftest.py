@@ -108,9 +108,7 @@ class Cluster:
         return fetch_weights(self.ctx, self.address, keys=self.keys)[1]
 
     def accuracy(self) -> float:
-        task = tasks.build(self.run.task, self.run.seed)
-        task.model.load_state_dict(sharding.unflatten(self.weights(), sharding.Layout.of(task.model)))
-        return task.evaluate()["accuracy"]
+        return tasks.build(self.run.task, self.run.seed).evaluate_flat(self.weights())["accuracy"]
 
     def wait_workers(self, timeout: float) -> list[dict]:
         """Wait for every worker process to exit; their results, by worker id."""
