@@ -62,6 +62,8 @@ def status_view(info: dict):
                 f"{len(workers)} live workers  {len(info['shards'])} shards  epoch {info['epoch']}")
     if info["waiting_for"]:
         head.append(f"  round waits for {info['waiting_for']}", style="yellow")
+    if info.get("restarting"):
+        head.append(f"  shards restarting from {info['restarting']}", style="yellow")
     table = Table(box=None, header_style="bold")
     for name in ("id", "host", "clock", "behind", "steps/s", "loss", "CPU %", "memory", "pushed", "pulled", "last seen"):
         table.add_column(name, justify="left" if name == "host" else "right")

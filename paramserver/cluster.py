@@ -135,42 +135,55 @@ def shard_address(host: str, port: int, index: int) -> str:
 
 def start_shards(spec: ServerSpec, resume: checkpoint.Checkpoint | None = None):
     """Spawn the shard processes; returns (processes, shard specs) once all are bound."""
-    layout, _ = initial_weights(spec.run)
-    plan = sharding.plan(layout.total, spec.shards, spec.run.chunk_elems)
-    ready = SPAWN.Queue()
-    procs = []
-    for i, chunks in enumerate(plan):
-        resume_file = resume.shard_file(i) if resume else ""
-        p = SPAWN.Process(target=shard_main, name=f"ps-shard-{i}",
-                          args=(i, chunks, spec, shard_address(spec.host, spec.port, i), resume_file, ready, os.getpid()))
-        p.start()
-        procs.append(p)
+    starting = ShardStart(spec, resume)
     try:
-        addresses = _collect(ready, spec.shards, procs, spec.timeouts.startup)
+        while (specs := starting.poll(0.2)) is None:
+            pass
     except BaseException:
-        stop_processes(procs, 1.0)
+        stop_processes(starting.procs, 1.0)
         raise
-    specs = [protocol.ShardSpec(index=i, address=_public(addresses[i], spec.public_host), chunks=[(c.key, c.start, c.stop) for c in chunks])
-             for i, chunks in enumerate(plan)]
-    return procs, specs
+    return starting.procs, specs
 
 
-def _collect(ready, count: int, procs, timeout: float) -> dict[int, str]:
-    addresses, deadline = {}, time.monotonic() + timeout
-    while len(addresses) < count:
-        if time.monotonic() > deadline:
-            raise PSError(f"shards did not start within {timeout}s")
-        try:
-            index, address, error = ready.get(timeout=0.2)
-        except queue_mod.Empty:
-            dead = [p.name for p in procs if p.exitcode not in (None, 0)]
-            if dead:
-                raise PSError(f"{', '.join(dead)} exited during start-up; see its log above") from None
-            continue
-        if error:
-            raise ConfigError(error)
-        addresses[index] = address
-    return addresses
+class ShardStart:
+    """Shard processes on their way up. `poll` collects the addresses they report
+    without blocking the caller for longer than it asks, so that a coordinator that
+    restarts its shards keeps answering while they import torch and load the checkpoint."""
+
+    def __init__(self, spec: ServerSpec, resume: checkpoint.Checkpoint | None = None):
+        layout, _ = initial_weights(spec.run)
+        self.plan = sharding.plan(layout.total, spec.shards, spec.run.chunk_elems)
+        self.spec, self.ready, self.procs, self.addresses = spec, SPAWN.Queue(), [], {}
+        self.deadline = time.monotonic() + spec.timeouts.startup
+        for i, chunks in enumerate(self.plan):
+            resume_file = resume.shard_file(i) if resume else ""
+            p = SPAWN.Process(target=shard_main, name=f"ps-shard-{i}",
+                              args=(i, chunks, spec, shard_address(spec.host, spec.port, i), resume_file, self.ready,
+                                    os.getpid()))
+            p.start()
+            self.procs.append(p)
+
+    def poll(self, wait: float = 0.0) -> list[protocol.ShardSpec] | None:
+        """The shard map once every shard has bound its socket, None while one has not
+        (after waiting up to `wait` seconds for it); ConfigError or PSError if a shard
+        failed to start or they did not all start within `Timeouts.startup`."""
+        while len(self.addresses) < len(self.procs):
+            try:
+                index, address, error = self.ready.get(timeout=wait) if wait else self.ready.get_nowait()
+            except queue_mod.Empty:
+                dead = [p.name for p in self.procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise PSError(f"{', '.join(dead)} exited during start-up; see its log above") from None
+                if time.monotonic() > self.deadline:
+                    raise PSError(f"shards did not start within {self.spec.timeouts.startup}s") from None
+                return None
+            if error:
+                raise ConfigError(error)
+            self.addresses[index] = address
+        host = self.spec.public_host
+        return [protocol.ShardSpec(index=i, address=_public(self.addresses[i], host),
+                                   chunks=[(c.key, c.start, c.stop) for c in chunks])
+                for i, chunks in enumerate(self.plan)]
 
 
 def stop_processes(procs, timeout: float) -> None:
@@ -255,14 +268,25 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
 
 
 class _Supervisor:
-    """Restarts every shard from the newest checkpoint when one dies (the shards must agree)."""
+    """Restarts every shard from the newest checkpoint when one dies (the shards must agree).
+
+    Called on every turn of the coordinator's loop, it never waits there: the new shards
+    are collected over the turns that follow, while the coordinator goes on answering
+    heartbeats and status (a restart takes seconds: each shard imports torch and loads
+    its part of the checkpoint)."""
 
     def __init__(self, spec: ServerSpec, procs: list):
         self.spec, self.procs, self.failed = spec, procs, ""
+        self.starting: tuple[ShardStart, checkpoint.Checkpoint] | None = None
 
     def watch(self, coordinator: Coordinator) -> None:
+        if coordinator.state == "stopped":
+            return
+        if self.starting is not None:
+            self._collect(coordinator)
+            return
         dead = [p for p in self.procs if p.exitcode is not None]
-        if not dead or coordinator.state == "stopped":
+        if not dead:
             return
         names = ", ".join(f"{p.name} (exit {p.exitcode})" for p in dead)
         root = self.spec.checkpoints.directory
@@ -274,9 +298,23 @@ class _Supervisor:
         ckpt = checkpoint.latest(root)
         log.error("%s died; restarting all shards from %s (step %d)", names, ckpt.path, ckpt.manifest["updates"])
         stop_processes(self.procs, 0.0)
-        procs, specs = start_shards(dataclasses.replace(self.spec, resume=root), ckpt)
-        self.procs[:] = procs
-        coordinator.restart(specs, ckpt)
+        coordinator.restarting = ckpt.path
+        starting = ShardStart(dataclasses.replace(self.spec, resume=root), ckpt)
+        self.procs[:] = starting.procs  # from now on these are the ones stopped at the end
+        self.starting = (starting, ckpt)
+
+    def _collect(self, coordinator: Coordinator) -> None:
+        starting, ckpt = self.starting
+        try:
+            specs = starting.poll()
+        except PSError as e:  # ConfigError too: a shard that cannot load its checkpoint
+            self.failed = f"restarting the shards from {ckpt.path} failed: {e}; run ended"
+            log.error(self.failed)
+            coordinator.state = "stopped"
+            return
+        if specs is not None:
+            self.starting = None
+            coordinator.restart(specs, ckpt)
 
 
 def server_main(spec: ServerSpec, ready):

@@ -47,6 +47,7 @@ class Coordinator:
         self._sent_version, self._sent_at = -1, 0.0
         self.started = self.idle_since = time.monotonic()
         self.epoch = 0  # bumps when the shards are restarted from a checkpoint
+        self.restarting = ""  # the checkpoint the shards are being restarted from, until they are up
         self._round_rate, self._rate_mark = 0.0, {}
         self.run_id = resume.manifest["run_id"] if resume else uuid.uuid4().hex
         self.checkpoints = checkpoint.Orchestrator(checkpoints or CheckpointConfig(), self.run_id, resume.number if resume else 0,
@@ -146,7 +147,9 @@ class Coordinator:
             self.events.emit("drop", worker=m.worker_id, host=m.host, incarnation=m.incarnation,
                              reason=f"no heartbeat for {self.timeouts.heartbeat_timeout}s")
             log.warning("worker %d (%s) missed heartbeats for %.1fs: dropped", m.worker_id, m.host, self.timeouts.heartbeat_timeout)
-        if self.members.version != self._sent_version or now - self._sent_at > self.timeouts.heartbeat_interval:
+        # while the shards restart there is no one to tell; restart() has the next tick tell the new ones
+        if not self.restarting and (self.members.version != self._sent_version
+                                    or now - self._sent_at > self.timeouts.heartbeat_interval):
             self._tell_shards(now)
         self._tick_checkpoints()
         if self.members.live:
@@ -185,7 +188,7 @@ class Coordinator:
             self.events.emit("checkpoint", number=cp.number, path=path, updates=self.updates())
         elif cp.expired():
             cp.abandon(f"not every shard answered within {self.timeouts.checkpoint_write}s")
-        elif cp.due() and self.state == "run" and len(self.stats) == len(self.shards):
+        elif cp.due() and self.state == "run" and not self.restarting and len(self.stats) == len(self.shards):
             self._start_checkpoint(final=False)
 
     def _start_checkpoint(self, final: bool) -> None:
@@ -228,6 +231,7 @@ class Coordinator:
         self.channels = [transport.Channel(ctx, s.address, f"shard {s.index}", self.keys) for s in shards]
         self.members.reset(ckpt.manifest["members"])
         self.epoch += 1
+        self.restarting = ""
         self.events.emit("restart", checkpoint=ckpt.path, number=ckpt.number, epoch=self.epoch)
         self._sent_version = -1
 
@@ -351,6 +355,7 @@ class Coordinator:
             "address": self.address,
             "run_id": self.run_id,
             "epoch": self.epoch,
+            "restarting": self.restarting,
             "checkpoints_written": self.checkpoints.written,
             "uptime": now - self.started,
             "config": self.run.to_wire(),

@@ -85,7 +85,8 @@ class Cluster:
     def start_server(self, **changes) -> None:
         """Start (or, after a crash, restart) the server process; same port if it had one."""
         self.spec = dataclasses.replace(self.spec, **changes)
-        ready = cluster.SPAWN.Queue()
+        # kept: server_main puts (None, reason) here if the run ends in an error after start-up
+        self.ready = ready = cluster.SPAWN.Queue()
         self.server = cluster.SPAWN.Process(target=cluster.server_main, name="test-server", args=(self.spec, ready))
         self.server.start()
         self.servers.append(self.server)
@@ -133,7 +134,7 @@ class Cluster:
         while time.monotonic() < deadline:
             try:
                 info = self.status()
-            except DeadlineExceeded:  # the coordinator may be busy restarting shards
+            except DeadlineExceeded:  # one late answer on a loaded machine: ask again
                 continue
             if predicate(info):
                 return info

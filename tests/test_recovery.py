@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import time
 
 import psutil
@@ -9,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from paramserver import checkpoint, sharding, tasks
+from paramserver import admin, checkpoint, sharding, tasks
 from paramserver.config import CheckpointConfig, Consistency, RunConfig
 from paramserver.errors import ConfigError
 
@@ -180,7 +181,15 @@ def test_sigkilled_shard_is_restarted_from_checkpoint(make_cluster, tmp_path):
     victim = before["shards"][1]["pid"]
     os.kill(victim, signal.SIGKILL)
     at_kill = before["updates"]
-    info = c.wait_for(lambda s: s["epoch"] == 1 and len(s["shards"]) == 2, 30, "the shards to restart")
+    # the coordinator keeps answering while the new shards start (seconds: torch, the checkpoint)
+    seen, deadline = [], time.monotonic() + 30
+    while not (seen and seen[-1]["epoch"] == 1 and len(seen[-1]["shards"]) == 2):
+        assert time.monotonic() < deadline, "the shards did not restart within 30 s"
+        seen.append(admin.status(c.address, timeout=2.0, ctx=c.ctx))  # DeadlineExceeded fails the test
+        time.sleep(0.05)
+    assert any(s["restarting"].startswith(root) for s in seen), [s["restarting"] for s in seen]
+    assert seen[-1]["restarting"] == ""
+    info = seen[-1]
     restored_from = min(sh["updates"] for sh in info["shards"])
     # lost: what was applied after the newest checkpoint, at most one interval's worth
     assert at_kill - restored_from <= rate * every * 2 + 20, (at_kill, restored_from, rate)
@@ -191,6 +200,32 @@ def test_sigkilled_shard_is_restarted_from_checkpoint(make_cluster, tmp_path):
     task = tasks.build("digits-mlp", 14)
     task.model.load_state_dict(exported(root, str(tmp_path / "m.safetensors")))
     assert task.evaluate()["accuracy"] >= 0.95
+
+
+@pytest.mark.slow
+def test_a_restart_whose_shard_cannot_start_ends_the_run_with_the_reason(make_cluster, tmp_path):
+    root = str(tmp_path / "ckpt")
+    port = free_port_block(3)
+    c = make_cluster(RunConfig(consistency=Consistency("asp"), seed=16), shards=2, port=port,
+                     checkpoints=CheckpointConfig(root, every=0.5))
+    c.add_worker(delay=0.01)
+    wait_checkpoint(root, 1, 60)
+    victim = psutil.Process(c.status()["shards"][1]["pid"])
+    victim.kill()
+    victim.wait(10)
+    # shard 1's port, taken before its successor (seconds away: it imports torch) can bind it
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        blocker.bind(("127.0.0.1", port + 2))
+        blocker.listen()
+        c.server.join(60)
+        assert not c.server.is_alive(), "the server did not end after its shards failed to restart"
+        address, error = c.ready.get(timeout=5)
+        assert address is None and error.startswith(f"restarting the shards from {root}"), error
+        assert "Address already in use" in error and error.endswith("run ended"), error
+    finally:
+        blocker.close()
 
 
 @pytest.mark.slow
