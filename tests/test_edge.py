@@ -133,8 +133,11 @@ def test_a_bad_scenario_is_refused_before_anything_starts(tmp_path, args, says):
 def test_ssp_reaches_095_sooner_than_bsp_with_a_quarter_speed_worker(tmp_path):
     """bsp waits for the slow worker every round; ssp:2 lets the others apply their
     pushes meanwhile, so it gets to the same accuracy in less time."""
-    common = ["--workers", "4", "--shards", "1", "--steps", "800", "--speeds", "1,1,1,0.25", "--until-target",
-              "--eval-every", "0.25", "--target", "0.95"]
+    # a third of the default learning rate: at the default, the workers that joined first
+    # could reach 0.95 alone in the half second before the last one joined, leaving no
+    # window (all connected, target not yet reached) in which to compare their clocks
+    common = ["--workers", "4", "--shards", "1", "--steps", "2000", "--speeds", "1,1,1,0.25", "--until-target",
+              "--eval-every", "0.25", "--target", "0.95", "--lr", "0.001"]
     _, ssp = run_sim(tmp_path / "ssp", *common, "--consistency", "ssp:2")
     _, bsp = run_sim(tmp_path / "bsp", *common, "--consistency", "bsp")
     for r in (ssp, bsp):
