@@ -291,7 +291,8 @@ class _Supervisor:
         names = ", ".join(f"{p.name} (exit {p.exitcode})" for p in dead)
         root = self.spec.checkpoints.directory
         if coordinator.state != "run" or not (root and checkpoint.complete(root)):
-            self.failed = f"{names} died and there is no checkpoint to restart from; run ended"
+            why = "the run was finishing" if coordinator.state != "run" else "there is no checkpoint to restart from"
+            self.failed = f"{names} died and {why}; run ended"
             log.error(self.failed)
             coordinator.state = "stopped"
             return
