@@ -234,7 +234,7 @@ def _drain(results, count: int) -> list[dict]:
 
 def _evaluate(fetched: tuple[dict, torch.Tensor], run: RunConfig, sim: SimConfig, worker_results: list[dict]) -> dict:
     info, flat = fetched
-    metrics = evaluate_flat(run, flat)
+    metrics = tasks.build(run.task, run.seed).evaluate_flat(flat)
     shards = info["shards"]
     return {
         "final_accuracy": metrics["accuracy"],
@@ -262,8 +262,3 @@ def _evaluate(fetched: tuple[dict, torch.Tensor], run: RunConfig, sim: SimConfig
         "shard_pushes": [{"index": s["index"], "pushes": s["pushes"], "updates": s["updates"]} for s in shards],
         "worker_results": sorted(worker_results, key=lambda r: r.get("worker_id", -1)),
     }
-
-
-def evaluate_flat(run: RunConfig, flat: torch.Tensor) -> dict:
-    """Test accuracy and loss of the flat weights (shape (total,)) on the run's task."""
-    return tasks.build(run.task, run.seed).evaluate_flat(flat)
