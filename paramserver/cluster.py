@@ -89,7 +89,7 @@ def _public(address: str, host: str) -> str:
     return f"tcp://{host}:{address.rsplit(':', 1)[1]}"
 
 
-def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, parent_pid):
+def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, parent_pid, restart: bool = False):
     # Ctrl-C in a terminal reaches the whole process group: the coordinator finishes
     # the run and then stops us, so the last checkpoint still gets written
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -112,7 +112,9 @@ def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, par
         events.emit("start", shard=index, address=server.address, version=core.version, resumed_from=resume_file)
     except (zmq.ZMQError, PSError, OSError) as e:
         taken = isinstance(e, zmq.ZMQError) and e.errno == errno.EADDRINUSE
-        hint = "; the shards take the ports after --port's: choose another --port" if taken else ""
+        hint = "" if not taken else (
+            "; the port was free when the run started: another process has taken it since" if restart
+            else "; the shards take the ports after --port's: choose another --port")
         ready.put((index, None, f"shard {index} at {address}: {e}{hint}"))
         _end(ctx, spec)
         return
@@ -150,7 +152,8 @@ class ShardStart:
     without blocking the caller for longer than it asks, so that a coordinator that
     restarts its shards keeps answering while they import torch and load the checkpoint."""
 
-    def __init__(self, spec: ServerSpec, resume: checkpoint.Checkpoint | None = None):
+    def __init__(self, spec: ServerSpec, resume: checkpoint.Checkpoint | None = None, restart: bool = False):
+        # restart: these shards replace ones that died mid-run, on the same ports
         layout, _ = initial_weights(spec.run)
         self.plan = sharding.plan(layout.total, spec.shards, spec.run.chunk_elems)
         self.spec, self.ready, self.procs, self.addresses = spec, SPAWN.Queue(), [], {}
@@ -159,7 +162,7 @@ class ShardStart:
             resume_file = resume.shard_file(i) if resume else ""
             p = SPAWN.Process(target=shard_main, name=f"ps-shard-{i}",
                               args=(i, chunks, spec, shard_address(spec.host, spec.port, i), resume_file, self.ready,
-                                    os.getpid()))
+                                    os.getpid(), restart))
             p.start()
             self.procs.append(p)
 
@@ -300,7 +303,7 @@ class _Supervisor:
         log.error("%s died; restarting all shards from %s (step %d)", names, ckpt.path, ckpt.manifest["updates"])
         stop_processes(self.procs, 0.0)
         coordinator.restarting = ckpt.path
-        starting = ShardStart(dataclasses.replace(self.spec, resume=root), ckpt)
+        starting = ShardStart(dataclasses.replace(self.spec, resume=root), ckpt, restart=True)
         self.procs[:] = starting.procs  # from now on these are the ones stopped at the end
         self.starting = (starting, ckpt)
 

@@ -224,6 +224,7 @@ def test_a_restart_whose_shard_cannot_start_ends_the_run_with_the_reason(make_cl
         address, error = c.ready.get(timeout=5)
         assert address is None and error.startswith(f"restarting the shards from {root}"), error
         assert "Address already in use" in error and error.endswith("run ended"), error
+        assert "another process has taken it since" in error and "choose another --port" not in error, error
     finally:
         blocker.close()
 
