@@ -43,8 +43,8 @@ RUN_OPTIONS = [
         help="0: each worker samples all training data; P: worker i trains on partition i mod P"),
     opt("--partition", "PARTITION", default=_RUN.partition, help="how the data is cut into the --partitions: " + PARTITION_HELP),
     opt("--min-workers", "MIN_WORKERS", default=_RUN.min_workers, type=click.IntRange(min=0),
-        help="bsp: the first rounds wait (bounded) for pushes from at least this many workers; "
-             "once one has had them, rounds close with the live workers"),
+        help="training waits (bounded) for this many workers: in bsp the first rounds wait for their pushes, "
+             "in asp and ssp the first pulls wait until they are live; once reached, the run goes on with the live workers"),
     opt("--aggregate", "AGGREGATE", default=_RUN.aggregate, help=AGGREGATE_HELP),
     opt("--clip-norm", "CLIP_NORM", default=_RUN.clip_norm, type=click.FloatRange(min=0),
         help="scale each push down to this L2 norm per shard (0: off)"),

@@ -43,10 +43,11 @@ class ShardCore:
         # init: the shard's slice of the flat initial weights, shape (hi - lo,)
         self.index, self.chunks, self.run = index, chunks, run
         self.min_workers_wait, self.now = min_workers_wait, clock
-        self._short_since = None  # when the open round first had everyone live but too few workers
-        # --min-workers holds rounds back only until one has had that many workers: it is
-        # for the start of a run, not for a run that later shrinks (workers that finished or left)
-        self._filled = False
+        self._short_since = None  # when --min-workers first held a round (bsp) or a pull (asp, ssp) back
+        # --min-workers holds rounds (bsp) or pulls (asp, ssp) back only until the shard has
+        # once had that many workers: it is for the start of a run, not for a run that later
+        # shrinks (workers that finished or left)
+        self._filled = not run.min_workers
         self.weights = Weights(chunks, init, run.optimizer, run.pull_part_bytes)
         self.lo, self.numel = self.weights.lo, self.weights.numel
         self.policy = consistency.policy(run.consistency)
@@ -118,7 +119,7 @@ class ShardCore:
         return last is not None and last[0] == incarnation and seq <= last[1]
 
     def _maybe_close_round(self) -> bool:
-        if not self.policy.round_ready(self.live, self.pending) or self._short_of_workers():
+        if not self.policy.round_ready(self.live, self.pending) or self._short_of_workers(len(self.pending)):
             return False
         pushes = list(self.pending.values())
         self.pending.clear()
@@ -128,25 +129,38 @@ class ShardCore:
                     self.version)
         return True
 
-    def _short_of_workers(self) -> bool:
-        if self._filled or len(self.pending) >= self.run.min_workers:
+    def _short_of_workers(self, have: int) -> bool:
+        """--min-workers: True while `have` (bsp: workers in the open round; asp and ssp:
+        live workers) is short of it and the wait, bounded by min_workers_wait, goes on."""
+        if self._filled or have >= self.run.min_workers:
             self._filled, self._short_since = True, None
             return False
         now = self.now()
         if self._short_since is None:
             self._short_since = now
-            log.info("shard %d: round %d has workers %s, waits for %d (--min-workers) up to %.0fs",
-                     self.index, self.version, sorted(self.pending), self.run.min_workers, self.min_workers_wait)
+            log.info("shard %d: %d of %d workers (--min-workers) in; %s up to %.0fs", self.index, have,
+                     self.run.min_workers, "the round waits" if self.policy.name == "bsp" else "pulls wait",
+                     self.min_workers_wait)
         if now - self._short_since < self.min_workers_wait:
             return True
-        log.warning("shard %d: round %d closes with %d of %d workers after waiting %.0fs",
-                    self.index, self.version, len(self.pending), self.run.min_workers, self.min_workers_wait)
+        log.warning("shard %d: going on with %d of %d workers after waiting %.0fs",
+                    self.index, have, self.run.min_workers, self.min_workers_wait)
         self._short_since, self._filled = None, True
         return False
 
     def tick(self) -> bool:
-        """Time-driven work (a --min-workers wait running out); True if a round closed."""
+        """Time-driven work (a --min-workers wait running out); True if a round closed
+        or held pulls may now be served."""
+        if self.policy.name != "bsp":
+            return self._short_since is not None and not self._held_for_start()  # the wait ran out
         return bool(self.pending) and self._maybe_close_round()
+
+    def _held_for_start(self) -> bool:
+        """asp and ssp with --min-workers: no weights go out to workers, so none starts
+        training alone, until that many are live (bsp holds its rounds instead)."""
+        if not self.run.min_workers or self.policy.name == "bsp":
+            return False
+        return self._short_of_workers(len(self.live))
 
     def _apply(self, grads: list[torch.Tensor], base_version: int) -> int:
         staleness = self.version - base_version
@@ -163,6 +177,8 @@ class ShardCore:
     def pull_ready(self, header: protocol.Pull) -> bool:
         if header.observer or self.finished:
             return True
+        if not self._filled and self._held_for_start():
+            return False
         ready = self.policy.pull_ready(header.worker_id, header.clock, self.clocks, self.pending)
         if ready and self.clocks and header.worker_id in self.live:
             self.max_clock_gap = max(self.max_clock_gap, header.clock - min(self.clocks.values()))

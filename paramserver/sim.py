@@ -73,8 +73,9 @@ def worker_main(cfg, results, log_level="warning", kill_at: int = 0, reached=Non
 
 def simulate(run: RunConfig, sim: SimConfig) -> dict:
     """Run the simulation to the end; returns the report (also written to sim.report)."""
-    if run.consistency.mode == "bsp" and not run.min_workers:
-        # the simulation knows how many workers are coming: no round before all are in
+    if not run.min_workers:
+        # the simulation knows how many workers are coming: no training before all are in
+        # (bsp: no round; asp, ssp: no weights), else the first ones train alone meanwhile
         run = dataclasses.replace(run, min_workers=sim.workers)
     started = time.monotonic()
     deadline = started + sim.timeout

@@ -318,9 +318,9 @@ def test_decode_push_assembles_the_flat_gradient():
 
 
 
-def bsp_core(min_workers: int, now: list[float]) -> ShardCore:
-    """A bsp core with --min-workers and a 60 s wait, on the clock now[0]."""
-    run = RunConfig(consistency=Consistency("bsp"), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
+def bsp_core(min_workers: int, now: list[float], mode: str = "bsp") -> ShardCore:
+    """A core (bsp unless `mode` says) with --min-workers and a 60 s wait, on the clock now[0]."""
+    run = RunConfig(consistency=Consistency.parse(mode), optimizer=OptimizerConfig("sgd", lr=LR, momentum=0.0),
                     min_workers=min_workers)
     return ShardCore(0, sharding.plan(6, 1, 4)[0], INIT, run, min_workers_wait=60.0, clock=lambda: now[0])
 
@@ -348,6 +348,39 @@ def test_min_workers_waits_at_most_its_deadline():
     now[0] = 61.0
     assert core.tick() and core.version == 1  # closed short after the wait
     assert push(core, 0, 1, G0).applied  # and the next rounds do not wait again
+
+
+@pytest.mark.parametrize("mode", ["asp", "ssp:2"])
+def test_min_workers_holds_asp_and_ssp_pulls_until_that_many_are_live(mode):
+    now = [0.0]
+    core = bsp_core(2, now, mode)
+    core.set_live({0: (0, 0)})
+    assert not pull_ready(core, 0, 0)  # alone: no weights yet, so it cannot start training alone
+    assert pull_ready(core, 0, 0, observer=True)  # an observer reads them all the same
+    now[0] = 30.0
+    assert not core.tick() and not pull_ready(core, 0, 0)
+    core.set_live(TWO)
+    assert pull_ready(core, 0, 0) and pull_ready(core, 1, 0)
+    core.set_live({1: (0, 0)})  # worker 0 finished and left: the other goes on
+    assert pull_ready(core, 1, 0)
+
+
+def test_min_workers_holds_asp_pulls_at_most_its_deadline():
+    now = [0.0]
+    core = bsp_core(3, now, "asp")
+    core.set_live({0: (0, 0)})
+    assert not pull_ready(core, 0, 0)
+    now[0] = 59.0
+    assert not core.tick() and not pull_ready(core, 0, 0)
+    now[0] = 61.0
+    assert core.tick()  # the held pulls may go: the server serves them on this turn
+    assert pull_ready(core, 0, 0)
+
+
+def test_asp_without_min_workers_serves_the_first_pull_at_once():
+    core = make_core("asp")
+    core.set_live({0: (0, 0)})
+    assert pull_ready(core, 0, 0) and not core.tick()
 
 class Tracker:
     """Stands in for a zmq MessageTracker: `done` once the frame has left."""

@@ -53,6 +53,18 @@ def test_worker_joining_mid_run_is_served_and_counted(make_cluster):
     assert late["clock"] >= joined_at - 5 + 40
 
 
+def test_asp_with_min_workers_gives_no_weights_until_that_many_are_live(make_cluster):
+    c = make_cluster(RunConfig(consistency=Consistency("asp"), seed=5, min_workers=2), shards=2)
+    c.add_worker(max_steps=50)
+    c.wait_for(lambda s: len(s["workers"]) == 1, 60, "the first worker to be live")
+    time.sleep(1.0)  # a few hundred steps' time, had its pull been served
+    assert c.status()["updates"] == 0, "the first worker trained alone"
+    c.add_worker(max_steps=50)
+    results = c.wait_workers(timeout=120)
+    assert [r["steps"] for r in results] == [50, 50]
+    assert c.status()["updates"] == 100
+
+
 def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
     s = 2
     c = make_cluster(RunConfig(consistency=Consistency("ssp", s), seed=4), shards=2)
