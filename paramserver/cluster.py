@@ -233,6 +233,7 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
     spec, resume = prepare(spec)
     if resume:
         log.info("resuming run %s from %s (step %d)", resume.manifest["run_id"], resume.path, resume.manifest["updates"])
+    _check_port(spec)
     procs, specs = start_shards(spec, resume)
     ctx = zmq.Context()
     if spec.security:
@@ -242,8 +243,8 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
             coordinator = Coordinator(ctx, f"tcp://{spec.host}:{spec.port}", spec.run, specs, spec.timeouts,
                                       initial_weights(spec.run)[0], spec.checkpoints, resume, spec.security,
                                       EventLog(spec.event_log, "coordinator"))
-        except zmq.ZMQError as e:
-            raise ConfigError(f"cannot bind tcp://{spec.host}:{spec.port}: {e}; choose another --port") from e
+        except zmq.ZMQError as e:  # taken since _check_port
+            raise _port_taken(spec, e) from e
         if spec.metrics_port:
             try:
                 coordinator.metrics.serve(spec.host, spec.metrics_port)
@@ -268,6 +269,26 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
     finally:
         stop_processes(procs, spec.timeouts.shutdown_grace)
         _end(ctx, spec)
+
+
+def _check_port(spec: ServerSpec) -> None:
+    """ConfigError now if the coordinator's port is taken, rather than after the shards
+    have started (seconds: each imports torch) and been stopped again."""
+    if not spec.port:
+        return
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    try:
+        sock.bind(f"tcp://{spec.host}:{spec.port}")
+    except zmq.ZMQError as e:
+        raise _port_taken(spec, e) from e
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _port_taken(spec: ServerSpec, e: zmq.ZMQError) -> ConfigError:
+    return ConfigError(f"cannot bind tcp://{spec.host}:{spec.port}: {e}; choose another --port")
 
 
 class _Supervisor:

@@ -119,7 +119,8 @@ def _train(make_cluster, run: RunConfig, overlap: bool, timeouts=None, routes=No
     return c.weights(), c.status()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+# sgd runs in `make test`; adam (the same worker-side path, another optimizer on the shards) in the slow marker's
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_bsp_weights_with_overlap_are_bit_identical_to_without(make_cluster, optimizer):
     run = _run(optimizer)
     without, status = _train(make_cluster, run, overlap=False)
