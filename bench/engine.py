@@ -325,7 +325,7 @@ class Runner:
 
         c = Consistency.parse(mode)
         run = RunConfig(task=w.task, consistency=c, optimizer=w.optimizer(), batch_size=w.batch_size, seed=w.seed,
-                        min_workers=workers if c.mode == "bsp" else 0)
+                        min_workers=workers)  # no worker trains before all are in, as DDP's ranks do not
         server = Server(run, w.shards)
         self._join_stopped()
         try:
