@@ -155,6 +155,11 @@ class ShardCore:
             return self._short_since is not None and not self._held_for_start()  # the wait ran out
         return bool(self.pending) and self._maybe_close_round()
 
+    @property
+    def holding_start(self) -> bool:
+        """Whether asp or ssp pulls still wait for --min-workers workers to be live."""
+        return not self._filled and self.policy.name != "bsp"
+
     def _held_for_start(self) -> bool:
         """asp and ssp with --min-workers: no weights go out to workers, so none starts
         training alone, until that many are live (bsp holds its rounds instead)."""
@@ -442,8 +447,11 @@ class ShardServer:
         now = time.monotonic()
         if not any(d[2] <= now for d in self.deferred):
             return
+        core = self.core
+        why = (f"{len(core.live)} of {core.run.min_workers} workers (--min-workers) live" if core.holding_start
+               else "blocked by consistency")
         for identity, header, deadline, _ in self.deferred:
             if deadline <= now:
-                msg = f"pull at clock {header.clock} still blocked by consistency after {self.timeouts.pull_wait}s"
+                msg = f"pull at clock {header.clock} still waiting after {self.timeouts.pull_wait}s: {why}"
                 self.reply(identity, protocol.error_reply(header.seq, ErrorCode.WAIT_TIMEOUT, msg))
         self.deferred = [d for d in self.deferred if d[2] > now]

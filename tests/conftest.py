@@ -223,8 +223,8 @@ class ShardThread:
 def shard_thread():
     made: list[ShardThread] = []
 
-    def make(run: RunConfig | None = None) -> ShardThread:
-        s = ShardThread(run or RunConfig(consistency=Consistency("asp")))
+    def make(run: RunConfig | None = None, timeouts: Timeouts = FAST) -> ShardThread:
+        s = ShardThread(run or RunConfig(consistency=Consistency("asp")), timeouts)
         made.append(s)
         return s
 

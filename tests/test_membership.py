@@ -65,6 +65,21 @@ def test_asp_with_min_workers_gives_no_weights_until_that_many_are_live(make_clu
     assert c.status()["updates"] == 100
 
 
+def test_a_pull_held_for_min_workers_past_pull_wait_is_told_why(shard_thread):
+    shard = shard_thread(RunConfig(consistency=Consistency("asp"), min_workers=2),
+                         dataclasses.replace(FAST, pull_wait=0.3))
+    control, worker = shard.dealer(), shard.dealer()
+    control.send_multipart(protocol.encode(protocol.Membership(v=VERSION, seq=1, live={0: (0, 0)})))
+    assert control.poll(5000)
+    control.recv_multipart()  # the shard's stats: it knows worker 0 is live, and alone
+    worker.send_multipart(protocol.encode(protocol.Pull(v=VERSION, seq=2, worker_id=0, clock=0)))
+    assert worker.poll(5000), "a held pull got no answer after pull_wait"
+    reply = protocol.decode(worker.recv_multipart(copy=False)).header
+    assert isinstance(reply, protocol.Error) and reply.code == protocol.ErrorCode.WAIT_TIMEOUT, reply
+    assert reply.message == "pull at clock 0 still waiting after 0.3s: 1 of 2 workers (--min-workers) live"
+    assert shard.core.updates == 0
+
+
 def test_ssp_bounds_the_lead_over_a_slow_worker(make_cluster):
     s = 2
     c = make_cluster(RunConfig(consistency=Consistency("ssp", s), seed=4), shards=2)
