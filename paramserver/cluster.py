@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-from . import checkpoint, protocol, sharding, tasks
+from . import checkpoint, protocol, sharding, tasks, transport
 from . import log as logsetup
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .coordinator import Coordinator
@@ -277,13 +277,12 @@ def _check_port(spec: ServerSpec) -> None:
     if not spec.port:
         return
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
     try:
-        sock.bind(f"tcp://{spec.host}:{spec.port}")
+        sock, _ = transport.listen(ctx, f"tcp://{spec.host}:{spec.port}")
+        sock.close(linger=0)
     except zmq.ZMQError as e:
         raise _port_taken(spec, e) from e
     finally:
-        sock.close(linger=0)
         ctx.term()
 
 

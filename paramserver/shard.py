@@ -163,9 +163,7 @@ class ShardCore:
     def _held_for_start(self) -> bool:
         """asp and ssp with --min-workers: no weights go out to workers, so none starts
         training alone, until that many are live (bsp holds its rounds instead)."""
-        if not self.run.min_workers or self.policy.name == "bsp":
-            return False
-        return self._short_of_workers(len(self.live))
+        return self.holding_start and self._short_of_workers(len(self.live))
 
     def _apply(self, grads: list[torch.Tensor], base_version: int) -> int:
         staleness = self.version - base_version
@@ -182,7 +180,7 @@ class ShardCore:
     def pull_ready(self, header: protocol.Pull) -> bool:
         if header.observer or self.finished:
             return True
-        if not self._filled and self._held_for_start():
+        if not self._filled and self._held_for_start():  # _filled first: this is every pull's path
             return False
         ready = self.policy.pull_ready(header.worker_id, header.clock, self.clocks, self.pending)
         if ready and self.clocks and header.worker_id in self.live:
