@@ -42,7 +42,7 @@ from datetime import timedelta
 import torch
 import zmq
 
-from paramserver import admin, cluster, optim, tasks
+from paramserver import admin, cluster, optim, tasks, transport
 from paramserver.config import Consistency, OptimizerConfig, RunConfig, Timeouts
 
 from .common import SPAWN, Procs, children, get, parent_gone, reap_children
@@ -72,6 +72,7 @@ class Workload:
 
 
 def pool_main(inbox, outbox, stop_at, parent_pid: int, index: int) -> None:
+    transport.tune_allocator()  # as ps-worker does: DDP's ranks run in these processes too
     logging.basicConfig(level=logging.WARNING)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # Pool.restart asks for stacks of a stuck run
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

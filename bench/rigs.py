@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import zmq
 
-from paramserver import cluster, protocol, sharding
+from paramserver import cluster, protocol, sharding, transport
 from paramserver.config import RunConfig, Timeouts
 from paramserver.protocol import VERSION
 from paramserver.transport import Channel
@@ -74,6 +74,7 @@ class Bare:
 
 def host_main(inbox, ready, idle, number: int) -> None:
     """Run `cluster.shard_main` for each job in `inbox`, one after another."""
+    transport.tune_allocator()  # as shard_main does, but before this process's queue threads start
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(1)
     parent = os.getppid()

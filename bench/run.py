@@ -16,6 +16,8 @@ import sys
 import time
 import traceback
 
+from paramserver import transport
+
 from . import common, report
 
 BENCHMARKS = ["transport", "scaling", "training", "stragglers", "apply", "many_workers", "slowlink"]
@@ -60,6 +62,9 @@ def run_one(name: str, quick: bool, context: dict, info: dict) -> dict:
 
 
 def main(argv=None) -> int:
+    # this process is a client in benchmarks 1, 2 and 5 (ours and the bare echo's): it
+    # allocates as our worker processes do
+    transport.tune_allocator()
     args = parse(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quick:

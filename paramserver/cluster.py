@@ -90,6 +90,7 @@ def _public(address: str, host: str) -> str:
 
 
 def shard_main(index, chunks, spec: ServerSpec, address, resume_file, ready, parent_pid, restart: bool = False):
+    transport.tune_allocator()  # first: before zmq's I/O thread allocates
     # Ctrl-C in a terminal reaches the whole process group: the coordinator finishes
     # the run and then stops us, so the last checkpoint still gets written
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -13,7 +13,7 @@ import msgspec
 import torch
 import zmq
 
-from paramserver import tasks
+from paramserver import tasks, transport
 from paramserver.config import RunConfig, check_pipeline
 from paramserver.errors import (
     ConfigError,
@@ -371,6 +371,8 @@ def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None, on_step=None) 
     """Join the server at cfg.server and train until the run ends, cfg.max_steps or
     cfg.max_clock. `on_step(trainer)`, if given, is called after every step."""
     own = ctx is None
+    if own:  # a process of its own, most likely: before zmq's I/O thread allocates
+        transport.tune_allocator()
     ctx = ctx or zmq.Context()
     try:
         return Trainer(cfg, ctx, on_step).run()
