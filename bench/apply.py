@@ -58,6 +58,7 @@ class CoreFeed:
         h = protocol.Push(v=VERSION, seq=next(self.seq), worker_id=0, incarnation=0, clock=0,
                           base_version=self.core.version, tensors=self.metas)
         self.core.push(h, self.core.decode_push(h, self.buffers))
+        self.core.weights.settle()  # the whole update: no answer goes out to run it part by part
 
 
 class TorchFeed:

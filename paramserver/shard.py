@@ -7,6 +7,7 @@ thin I/O shell around it: one ROUTER socket, one thread, a handler table.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -125,8 +126,9 @@ class ShardCore:
         self.pending.clear()
         if self._mean_out is None:
             self._mean_out = self.weights.slices(torch.empty(self.numel, dtype=torch.float32))
-        self._apply([self.aggregate([g[i] for g in pushes], out=out) for i, out in enumerate(self._mean_out)],
-                    self.version)
+        # each chunk's mean is summed when its part of the step runs
+        self._apply([functools.partial(self.aggregate, [g[i] for g in pushes], out=out)
+                     for i, out in enumerate(self._mean_out)], self.version)
         return True
 
     def _short_of_workers(self, have: int) -> bool:
@@ -165,16 +167,15 @@ class ShardCore:
         training alone, until that many are live (bsp holds its rounds instead)."""
         return self.holding_start and self._short_of_workers(len(self.live))
 
-    def _apply(self, grads: list[torch.Tensor], base_version: int) -> int:
+    def _apply(self, grads: list, base_version: int) -> int:
+        """Start the update: its parts run as the answer carrying them goes out, the rest
+        when the weights are next read (Weights.step), so the version counts it at once."""
         staleness = self.version - base_version
         self.max_staleness = max(self.max_staleness, staleness)
-        self.weights.make_writable()
-        started = time.perf_counter()
-        self.weights.step(grads)
+        done = None if self.on_apply is None else functools.partial(self.on_apply, staleness)
+        self.weights.step(grads, done)
         self.version += 1
         self.updates += 1
-        if self.on_apply is not None:
-            self.on_apply(staleness, time.perf_counter() - started)
         return staleness
 
     def pull_ready(self, header: protocol.Pull) -> bool:
@@ -253,8 +254,9 @@ class ShardServer:
             if poller.poll(100):
                 self.handle(transport.recv(self.sock))
             if self.core.tick():
-                self._maybe_checkpoint()
                 self._serve_deferred()
+                self.core.weights.settle()
+                self._maybe_checkpoint()
             self._expire_deferred()
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("shard %d: launcher is gone; exiting", self.core.index)
@@ -279,6 +281,7 @@ class ShardServer:
             if self.security and handler in self._control and not self.security.is_server(peer):
                 raise ProtocolError(f"{type(msg.header).__name__} is for the coordinator only", ErrorCode.NOT_AUTHORIZED)
             handler(identity, msg)
+            self.core.weights.settle()  # an update no answer carried (all of it) runs now
             self._maybe_checkpoint()
         except ProtocolError as e:
             self.core.rejected += 1
@@ -349,6 +352,8 @@ class ShardServer:
             trackers = None  # frames of their own: nothing to pin
         runs, sent = weights.parts(h.codec), 0
         for part, (a, b) in enumerate(runs):
+            if trackers is not None:  # float32 from the weights' memory: an update in progress runs this part first
+                weights.settle(part + 1)
             header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas[a:b],
                                      finished=self.core.finished, token=token, staleness=staleness,
                                      part=part, parts=len(runs))

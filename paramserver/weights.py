@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -33,12 +35,16 @@ class Weights:
         self.lo = chunks[0].start if chunks else 0
         self.numel = sum(c.numel for c in chunks)
         self.expected = {c.key: c.numel for c in chunks}  # what a push must hold
-        self.param = init.detach().clone().float()  # flat, shape (numel,)
+        self._param = init.detach().clone().float()  # flat, shape (numel,)
         # the optimizer steps one Parameter per chunk, each a view of `param`: a push's
         # frames then serve as gradients as received, without assembling a flat copy
-        self._views = [torch.nn.Parameter(v) for v in self.slices(self.param)]
-        self.optimizer = optim.make(self._views, optimizer)
-        self._step = optim.stepper(self.optimizer)
+        self._views = [torch.nn.Parameter(v) for v in self.slices(self._param)]
+        self._optimizer = optim.make(self._views, optimizer)
+        self._step = optim.stepper(self._optimizer)
+        # a step started and not yet run through: [grads, parts run, done, seconds so far];
+        # the lock lets a thread that reads the weights (a test, an in-process user) finish it
+        self._pending: list | None = None
+        self._stepping = threading.Lock()
         # what a whole float32 pull answer says of its frames: the same for every answer
         self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
         self._float32_parts = sharding.parts(chunks, part_bytes)
@@ -82,22 +88,67 @@ class Weights:
                 grads = torch._foreach_mul(grads, clip_norm / norm)  # frames stay untouched
         return grads
 
-    def step(self, grads: list[torch.Tensor]) -> None:
-        """One optimizer step with `grads`, one float32 tensor per chunk in key order.
-        Call `make_writable` first."""
-        for p, g in zip(self._views, grads):
-            p.grad = g
-        self._step()
-        for p in self._views:
-            p.grad = None
+    @property
+    def param(self) -> torch.Tensor:
+        """The weights, flat, shape (numel,), with any started step run through."""
+        self.settle()
+        return self._param
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        self.settle()
+        return self._optimizer
+
+    def step(self, grads: list, done=None) -> None:
+        """Start one optimizer step with `grads`: per chunk in key order, a float32 tensor
+        or a function that makes it (bsp's mean, summed only when its part is stepped).
+
+        The step runs part by part (the parts whole float32 answers travel in) as `settle`
+        asks, so that an answer sends each part as soon as it is stepped while the next
+        one is: the update overlaps the answer's time on the wire. Reading `param` or
+        `optimizer` runs the rest first. Each chunk is one Parameter of its own, and these
+        optimizers keep their state per Parameter, so stepping them a part at a time is the
+        same step. `done(seconds)` is called once the whole step has run.
+        """
+        self.settle()
+        self.make_writable()
+        self._pending = [grads, 0, done, 0.0]
+
+    def settle(self, parts: int | None = None) -> None:
+        """Run the started step through its first `parts` parts (all of them: None)."""
+        if self._pending is None:
+            return
+        with self._stepping:
+            pending = self._pending
+            if pending is None:
+                return
+            grads, ran, done, seconds = pending
+            runs = self._float32_parts
+            stop = len(runs) if parts is None else min(parts, len(runs))
+            started = time.perf_counter()
+            for a, b in runs[ran:stop]:
+                for p, g in zip(self._views[a:b], grads[a:b]):
+                    p.grad = g() if callable(g) else g
+                self._step()  # steps only the Parameters that have a grad
+                for p in self._views[a:b]:
+                    p.grad = None
+            seconds += time.perf_counter() - started
+            if stop < len(runs):
+                pending[1], pending[3] = stop, seconds
+                return
+            self._pending = None
+        if done is not None:
+            done(seconds)
 
     def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
         """The current weights as (metas, buffers), one float32 frame per chunk.
 
         The buffers are param's own memory: whoever sends them without a copy
-        must `pin` the send, so that the next update leaves them alone.
+        must `pin` the send, so that the next update leaves them alone. A step that
+        has started is not run here: part k of it must be run (`settle(k + 1)`) before
+        the buffers of part k are read.
         """
-        flat = self.param.numpy()
+        flat = self._param.numpy()
         return self._float32_metas, [flat[c.start - self.lo : c.stop - self.lo] for c in self.chunks]
 
     def parts(self, codec: str) -> list[tuple[int, int]]:
@@ -145,15 +196,16 @@ class Weights:
         """Before param changes in place: if frames in flight still read its memory,
         leave that memory to them and move param to a copy (a free retired buffer
         when there is one: fresh large allocations page-fault)."""
+        self.settle()
         self._pins = [p for p in self._pins if not p.done]
         if not self._pins:
             return
         busy = [(b, ps) for b, ps in self._retired if not all(p.done for p in ps)]
         free = [b for b, ps in self._retired if all(p.done for p in ps)]
-        target = free.pop() if free else torch.empty_like(self.param)
-        target.copy_(self.param)
-        busy.append((self.param, self._pins))
-        self.param = target
+        target = free.pop() if free else torch.empty_like(self._param)
+        target.copy_(self._param)
+        busy.append((self._param, self._pins))
+        self._param = target
         for p, view in zip(self._views, self.slices(target)):
             p.data = view
         self._retired = busy + [(b, []) for b in free[:1]]

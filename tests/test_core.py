@@ -425,6 +425,71 @@ def test_a_checkpoint_keeps_optimizer_state_across_chunks(tmp_path):
     assert torch.equal(a.weights.param, b.weights.param)
 
 
+# a shard of 10,000 weights in chunks of 1024, answered in parts of 2 chunks: 5 parts
+STEPPED = [OptimizerConfig("sgd", lr=0.1, momentum=0.9), OptimizerConfig("adam", lr=0.01),
+           OptimizerConfig("adamw", lr=0.01, weight_decay=0.1), OptimizerConfig("adagrad", lr=0.1)]
+
+
+def _weights(cfg: OptimizerConfig):
+    from paramserver.weights import Weights
+
+    chunks = sharding.plan(10_000, 1, 1024)[0]
+    return Weights(chunks, torch.linspace(-1, 1, 10_000), cfg, part_bytes=8192)
+
+
+@pytest.mark.parametrize("cfg", STEPPED, ids=lambda c: c.name)
+def test_a_step_run_part_by_part_is_the_same_step_as_torch_optim_on_the_whole(cfg):
+    weights = _weights(cfg)
+    assert len(weights.parts("none")) == 5
+    whole = torch.nn.Parameter(torch.linspace(-1, 1, 10_000))
+    ref = optim.make([whole], cfg)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(4):
+        g = torch.randn(10_000, generator=gen)
+        weights.step(weights.slices(g.clone()))
+        for parts in (1, 3)[: k % 3]:  # as answers ask for them: some parts now, the rest on reading
+            weights.settle(parts)
+        whole.grad = g
+        ref.step()
+        torch.testing.assert_close(weights.param, whole.detach(), rtol=0, atol=0)
+
+
+def test_a_started_step_runs_each_part_once_and_reports_once():
+    weights = _weights(OptimizerConfig("sgd", lr=1.0))
+    done = []
+    g = torch.ones(10_000)
+    weights.step(weights.slices(g), done.append)
+    flat = weights.snapshot()[1]  # views of the weights' memory, one per chunk
+    init = [f.copy() for f in flat]
+    weights.settle(2)
+    stepped = [not np.array_equal(f, i) for f, i in zip(flat, init)]
+    before = np.concatenate(flat).copy()
+    assert not done
+    weights.settle(2)  # asked again: nothing more runs
+    assert np.array_equal(np.concatenate(flat), before)
+    weights.settle()
+    assert len(done) == 1 and done[0] >= 0
+    assert torch.equal(weights.param, torch.linspace(-1, 1, 10_000) - 1)
+    assert stepped == [True] * 4 + [False] * 6  # parts 0 and 1, of 2 chunks each, and no more
+
+
+def test_reading_the_weights_from_another_thread_runs_the_started_step_once():
+    import threading
+
+    weights = _weights(OptimizerConfig("sgd", lr=1.0))
+    done = []
+    weights.step(weights.slices(torch.ones(10_000)), done.append)
+    seen = []
+    readers = [threading.Thread(target=lambda: seen.append(weights.param.clone())) for _ in range(4)]
+    for t in readers:
+        t.start()
+    weights.settle()
+    for t in readers:
+        t.join(10)
+    expected = torch.linspace(-1, 1, 10_000) - 1
+    assert len(seen) == 4 and all(torch.equal(s, expected) for s in seen) and len(done) == 1
+
+
 # -- membership.Members -----------------------------------------------------------
 
 
