@@ -92,7 +92,8 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
         "what": "Push + pull round trip of the whole model through ShardClient and one shard process "
                 "(asp, SGD without momentum), as a worker's step makes it: one exchange, the push answered "
                 "with the next weights; against a bare pyzmq DEALER/ROUTER echo of the same bytes "
-                "between two processes with zero-copy 4 MB frames. GB/s = 2 x size / round-trip time; "
+                "between two processes with zero-copy 4 MB frames. Every process on both sides sets up malloc alike "
+                "(transport.tune_allocator: received frames reuse memory). GB/s = 2 x size / round-trip time; "
                 f"4 KB is reported as round-trip latency. tcp on loopback for both. {reps} repetitions "
                 f"a size, {repetitions(MB, reps)} up to 1 MB.",
         "rows": rows, "raw": raw, "reps": reps,
