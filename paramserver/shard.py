@@ -352,8 +352,7 @@ class ShardServer:
             trackers = None  # frames of their own: nothing to pin
         runs, sent = weights.parts(h.codec), 0
         for part, (a, b) in enumerate(runs):
-            if trackers is not None:  # float32 from the weights' memory: an update in progress runs this part first
-                weights.settle(part + 1)
+            weights.settle(part + 1)  # an update in progress runs this part first (encoded: ran whole already)
             header = protocol.PullOk(v=VERSION, seq=h.seq, version=self.core.version, tensors=metas[a:b],
                                      finished=self.core.finished, token=token, staleness=staleness,
                                      part=part, parts=len(runs))

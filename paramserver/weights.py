@@ -14,6 +14,8 @@ import math
 import threading
 import time
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,9 +43,9 @@ class Weights:
         self._views = [torch.nn.Parameter(v) for v in self.slices(self._param)]
         self._optimizer = optim.make(self._views, optimizer)
         self._step = optim.stepper(self._optimizer)
-        # a step started and not yet run through: [grads, parts run, done, seconds so far];
-        # the lock lets a thread that reads the weights (a test, an in-process user) finish it
-        self._pending: list | None = None
+        # a step started and not yet run through; the lock lets a thread that reads the
+        # weights (a test, an in-process user) finish it
+        self._pending: _Started | None = None
         self._stepping = threading.Lock()
         # what a whole float32 pull answer says of its frames: the same for every answer
         self._float32_metas = [protocol.TensorMeta(key=c.key, dtype="float32", shape=[c.numel]) for c in chunks]
@@ -110,35 +112,33 @@ class Weights:
         optimizers keep their state per Parameter, so stepping them a part at a time is the
         same step. `done(seconds)` is called once the whole step has run.
         """
-        self.settle()
-        self.make_writable()
-        self._pending = [grads, 0, done, 0.0]
+        self.make_writable()  # which runs the step before this one through first
+        self._pending = _Started(grads, done)
 
     def settle(self, parts: int | None = None) -> None:
         """Run the started step through its first `parts` parts (all of them: None)."""
         if self._pending is None:
             return
         with self._stepping:
-            pending = self._pending
-            if pending is None:
+            step = self._pending
+            if step is None:
                 return
-            grads, ran, done, seconds = pending
             runs = self._float32_parts
             stop = len(runs) if parts is None else min(parts, len(runs))
             started = time.perf_counter()
-            for a, b in runs[ran:stop]:
-                for p, g in zip(self._views[a:b], grads[a:b]):
+            for a, b in runs[step.ran:stop]:
+                for p, g in zip(self._views[a:b], step.grads[a:b]):
                     p.grad = g() if callable(g) else g
                 self._step()  # steps only the Parameters that have a grad
                 for p in self._views[a:b]:
                     p.grad = None
-            seconds += time.perf_counter() - started
-            if stop < len(runs):
-                pending[1], pending[3] = stop, seconds
+            step.seconds += time.perf_counter() - started
+            step.ran = max(step.ran, stop)
+            if step.ran < len(runs):
                 return
             self._pending = None
-        if done is not None:
-            done(seconds)
+        if step.done is not None:
+            step.done(step.seconds)
 
     def snapshot(self) -> tuple[list[protocol.TensorMeta], list[np.ndarray]]:
         """The current weights as (metas, buffers), one float32 frame per chunk.
@@ -217,6 +217,17 @@ class Weights:
         with torch.no_grad():
             self.param.copy_(tensors["param"])
         checkpoint.restore_optimizer(self.optimizer, tensors, groups)
+
+
+@dataclass
+class _Started:
+    """A step `Weights.step` started: its gradients (tensors, or functions that make them),
+    what to call once it has all run, the parts run so far and the seconds they took."""
+
+    grads: list
+    done: Callable[[float], None] | None
+    ran: int = 0
+    seconds: float = 0.0
 
 
 def _finite(a: np.ndarray) -> bool:

@@ -473,6 +473,15 @@ def test_a_started_step_runs_each_part_once_and_reports_once():
     assert stepped == [True] * 4 + [False] * 6  # parts 0 and 1, of 2 chunks each, and no more
 
 
+def test_asking_for_fewer_parts_than_have_run_runs_none_again():
+    # a second answer's first part, after a first answer stopped part way (a dropped reply)
+    weights = _weights(OptimizerConfig("sgd", lr=1.0))
+    weights.step(weights.slices(torch.ones(10_000)))
+    weights.settle(3)
+    weights.settle(1)
+    assert torch.equal(weights.param, torch.linspace(-1, 1, 10_000) - 1)
+
+
 def test_reading_the_weights_from_another_thread_runs_the_started_step_once():
     import threading
 
