@@ -1,5 +1,6 @@
 """The bare pyzmq peers, as process entry points that import neither torch nor
-paramserver's roles (they start in a fraction of a second and take no memory).
+paramserver's roles (they start in a fraction of a second and take no memory);
+the floor imports torch for its step only.
 
 They set up malloc as our processes do (`transport.tune_allocator`): without it
 every frame they receive lands on freshly faulted pages, and the echo of 100 MB
@@ -8,6 +9,7 @@ takes 2-3 times as long; the peer is to be pyzmq at its fastest.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -45,5 +47,56 @@ def skeleton_main(ready, parent_pid: int, nbytes: int) -> None:
             frames = sock.recv_multipart(copy=False)
             reply = b"ok" if len(frames) > 2 else weights
             sock.send_multipart([frames[0], reply], copy=False)
+    sock.close(linger=0)
+    ctx.term()
+
+
+PASSES = ("check", "step", "copy")
+FLOOR_LR = 1e-6
+
+
+def floor_main(ready, parent_pid: int, passes: tuple) -> None:
+    """The least a parameter server does to the bytes of a push + pull round trip, as
+    a bare pyzmq server: every message is gradients in float32 frames, answered with
+    b"ok" and the weights (one frame per frame received, sent without a copy from the
+    weights' own memory), after the `passes` chosen from PASSES that run here:
+
+    - check: the shards' dot-product test for NaN and Inf over every frame before any
+      is applied; a push that fails it is answered b"not finite" alone;
+    - step: the SGD update in place, `w -= lr * g`, torch's one-pass add.
+
+    ("copy" is the client's: `rigs.Floor` copies the answer into its flat weights.)
+    No validation, no header, no consistency rule, no Python objects per message:
+    what is left is the cost of the passes themselves. The answer's frames read the
+    weights in place while the next push's step writes them; a client that waits for
+    each whole answer before its next push (`rigs.Floor`) keeps the two apart.
+    """
+    tune_allocator()
+    step = "step" in passes
+    if step:
+        import torch
+
+        torch.set_num_threads(1)
+    ctx, sock = _router(ready)
+    weights = np.zeros(0, dtype=np.float32)
+    while os.getppid() == parent_pid:
+        if not sock.poll(100):
+            continue
+        identity, *frames = sock.recv_multipart(copy=False)
+        grads = [np.frombuffer(f.buffer, dtype=np.float32) for f in frames]
+        if "check" in passes and not all(math.isfinite(np.dot(g, g)) or np.isfinite(g).all() for g in grads):
+            sock.send_multipart([identity, b"not finite"])
+            continue
+        total = sum(g.size for g in grads)
+        if weights.size != total:
+            weights = np.zeros(total, dtype=np.float32)
+        answer, start = [identity, b"ok"], 0
+        for g in grads:
+            w = weights[start : start + g.size]
+            if step:
+                torch.from_numpy(w).add_(torch.from_numpy(g), alpha=-FLOOR_LR)
+            answer.append(w)
+            start += g.size
+        sock.send_multipart(answer, copy=False)
     sock.close(linger=0)
     ctx.term()

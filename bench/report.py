@@ -117,7 +117,7 @@ def section(res: dict, image_prefix: str) -> list[str]:
         lines += rows_table(res)
     d = res.get("detail")
     if d:
-        lines += ["", "All runs:", ""] + table(d["columns"], d["rows"])
+        lines += ["", d.get("title", "All runs:"), ""] + table(d["columns"], d["rows"])
     extra = [(k, r[k]) for r in res["rows"] for k in ("push_ms", "pull_ms") if r.get(k) is not None]
     if extra:
         lines += ["", "Ours is one exchange per step (the push, answered with the next weights). For the record, "

@@ -26,7 +26,7 @@ from paramserver.transport import Channel
 from workers.client import ShardClient
 
 from .common import MB, SPAWN, Procs, get
-from .echo import echo_main
+from .echo import PASSES, echo_main, floor_main
 
 log = logging.getLogger(__name__)
 FRAME = 4 * MB  # the bare echo's frame size: the fastest for pyzmq here (DESIGN.md)
@@ -69,6 +69,53 @@ class Bare:
     def close(self) -> None:
         for s in self.socks:
             s.close(linger=0)
+        self.ctx.term()
+
+
+class Floor:
+    """One `echo.floor_main` server making `passes` (of echo.PASSES) on a round trip: gradients
+    up in FRAME-sized float32 frames, the weights back, copied into a flat buffer here when
+    "copy" is among them (as a worker copies the answer into its model)."""
+
+    def __init__(self, procs: Procs, passes: tuple):
+        unknown = set(passes) - set(PASSES)
+        if unknown:
+            raise ValueError(f"unknown passes {sorted(unknown)}; known: {', '.join(PASSES)}")
+        self.passes = tuple(passes)
+        ready = SPAWN.Queue()
+        started = procs.spawn(floor_main, ready, os.getpid(), self.passes, name=f"bench-floor-{'+'.join(passes)}")
+        address = get(ready, 60, "floor server start", [started])
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.use_grads(np.zeros(0, dtype=np.float32))
+
+    def use(self, nbytes: int) -> None:
+        """Gradients of `nbytes` (float32), small random values as a worker's are."""
+        self.use_grads(torch.empty(nbytes // 4).uniform_(-1e-3, 1e-3).numpy())
+
+    def use_grads(self, grads: np.ndarray) -> None:
+        self.grads, self.weights = grads, np.empty_like(grads)
+        step = FRAME // 4
+        self.frames = [grads[o : o + step] for o in range(0, grads.size, step)]
+
+    def round_trip(self) -> None:
+        self.sock.send_multipart(self.frames, copy=False)
+        if not self.sock.poll(int(TIMEOUT * 1000)):
+            raise TimeoutError("floor server did not answer")
+        status, *answer = self.sock.recv_multipart(copy=False)
+        if status.bytes != b"ok":
+            raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
+        if "copy" in self.passes:
+            start = 0
+            for f in answer:
+                values = np.frombuffer(f.buffer, dtype=np.float32)
+                self.weights[start : start + values.size] = values
+                start += values.size
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
         self.ctx.term()
 
 

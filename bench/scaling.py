@@ -27,7 +27,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
             for nbytes in sizes:
                 base = None
                 for shards in SHARDS:
-                    m = measure(hosts, bare, nbytes, shards, reps, quick)
+                    m = measure(hosts, bare, {}, nbytes, shards, reps, quick)
                     ours, peer = gbps(nbytes, m["ours"]), gbps(nbytes, m["bare"])
                     base = base or summary(ours)["median"]
                     r = row(f"{label(nbytes)}, {shards} shard{'s' * (shards > 1)}", "GB/s", ours, peer,

@@ -6,6 +6,13 @@ same bytes between two processes in pyzmq's fastest form (zero-copy frames of
 Both move the model's bytes once up and once down per round trip, so GB/s is
 2 * size / round-trip time for both. Ours runs asp (pulls never wait) and plain
 SGD without momentum (the apply is one in-place add; benchmark 5 times it).
+
+From 1 MB up a third peer runs in the same rotation, the floor (`echo.floor_main`):
+the same bare echo making the three passes over the bytes that a parameter server
+cannot skip, the server's finiteness check and SGD step and the client's copy of
+the answer into its weights, with nothing else. At one size each pass also runs
+alone. They say what the passes themselves cost against the echo, and how much of
+our gap to the echo is ours.
 """
 
 from __future__ import annotations
@@ -16,12 +23,16 @@ import torch
 from paramserver.config import Consistency, OptimizerConfig, RunConfig
 
 from . import tasks
-from .common import MB, Procs, interleaved, row, shared, timed
-from .rigs import Bare, Ours, ShardHosts
+from .common import MB, Procs, interleaved, paired_ratios, row, shared, summary, timed
+from .echo import PASSES
+from .rigs import Bare, Floor, Ours, ShardHosts
 
 SMALL = 4096
 SIZES = [SMALL, 1 * MB, 16 * MB, 100 * MB, 400 * MB]
 QUICK_SIZES = [SMALL, 16 * MB]
+# the floor peers: all the passes, and each alone (at one size: they only split the floor up)
+FLOORS = {"floor": PASSES, **{f"{p} only": (p,) for p in PASSES}}
+SPLIT_SIZE, QUICK_SPLIT_SIZE = 100 * MB, 16 * MB
 
 
 def label(nbytes: int) -> str:
@@ -45,17 +56,20 @@ def iterations(nbytes: int, quick: bool) -> int:
     return max(2, n // 4) if quick else n
 
 
-def measure(hosts: ShardHosts, bare: Bare, nbytes: int, shards: int, reps: int, quick: bool) -> dict:
-    """Alternate ours and bare at one size and shard count; seconds per round trip per repetition."""
+def measure(hosts: ShardHosts, bare: Bare, floors: dict, nbytes: int, shards: int, reps: int, quick: bool) -> dict:
+    """Alternate ours, bare and `floors` (name -> Floor) at one size and shard count;
+    seconds per round trip per repetition."""
     ours = Ours(hosts, transport_run(nbytes), shards)
     try:
         bare.use(nbytes, shards)
+        for f in floors.values():
+            f.use(nbytes)
+        runs = {"ours": ours.round_trip, "bare": bare.round_trip, **{k: f.round_trip for k, f in floors.items()}}
         for _ in range(2):  # warm-up: first-touch page faults, TCP windows, snapshot buffers
-            ours.round_trip()
-            bare.round_trip()
+            for f in runs.values():
+                f()
         n = iterations(nbytes, quick)
-        times = interleaved({"ours": lambda: timed(ours.round_trip, n), "bare": lambda: timed(bare.round_trip, n)},
-                            repetitions(nbytes, reps))
+        times = interleaved({k: (lambda f=f: timed(f, n)) for k, f in runs.items()}, repetitions(nbytes, reps))
         for _ in range(max(2, n // 2)):  # for the record: the same as a push and then a pull
             ours.split_trip()
         return {**times, "iters": n, "push_s": _median(ours.push_s), "pull_s": _median(ours.pull_s)}
@@ -73,18 +87,25 @@ def gbps(nbytes: int, seconds: list) -> list:
 
 def run(quick: bool = False, context: dict | None = None) -> dict:
     sizes, reps = (QUICK_SIZES, 3) if quick else (SIZES, 5)
+    split = QUICK_SPLIT_SIZE if quick else SPLIT_SIZE
     torch.set_num_threads(1)
-    rows, raw = [], {}
+    rows, raw, floor_rows = [], {}, []
     hosts, own = shared(context, "shard_hosts", ShardHosts)
     with Procs() as procs:
         bare = Bare(procs, 1)
+        floors = {k: Floor(procs, passes) for k, passes in FLOORS.items()}
         try:
             for nbytes in sizes:
-                m = measure(hosts, bare, nbytes, 1, reps, quick)
+                peers = {} if nbytes == SMALL else {k: f for k, f in floors.items() if k == "floor" or nbytes == split}
+                m = measure(hosts, bare, peers, nbytes, 1, reps, quick)
                 raw[label(nbytes)] = {"bytes": nbytes, **m}
                 rows.append(size_row(nbytes, m))
+                if peers:
+                    floor_rows.append(floor_row(nbytes, m))
         finally:
             bare.close()
+            for f in floors.values():
+                f.close()
             if own:
                 hosts.close()
     return {
@@ -97,7 +118,26 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                 f"4 KB is reported as round-trip latency. tcp on loopback for both. {reps} repetitions "
                 f"a size, {repetitions(MB, reps)} up to 1 MB.",
         "rows": rows, "raw": raw, "reps": reps,
+        "detail": {
+            "title": "The passes over the bytes that a parameter server makes, as a bare pyzmq floor: the "
+                     "echo's server checks the gradients for NaN and Inf (the shards' dot-product test) and "
+                     "steps its weights with them (`w -= lr * g`, one pass), answering with the weights; its "
+                     "client copies the answer into a flat buffer. Nothing else: no header, no validation, "
+                     "no consistency rule. Run in the same rotation as ours and the echo; at "
+                     f"{label(split)} each pass also runs alone. Paired ratios of GB/s, median [min-max].",
+            "columns": ["size", "ours / bare", "floor / bare", "ours / floor",
+                        *[f"{k} / bare" for k in FLOORS if k != "floor"]],
+            "rows": floor_rows,
+        },
     }
+
+
+def floor_row(nbytes: int, m: dict) -> list:
+    """[size, ours/bare, floor/bare, ours/floor, each pass alone/bare] for the detail table."""
+    bare = gbps(nbytes, m["bare"])
+    ratio = {k: summary(paired_ratios(gbps(nbytes, m[k]), bare)) if k in m else None for k in ("ours", *FLOORS)}
+    ours_floor = summary(paired_ratios(gbps(nbytes, m["ours"]), gbps(nbytes, m["floor"])))
+    return [label(nbytes), ratio["ours"], ratio["floor"], ours_floor, *[ratio[k] for k in FLOORS if k != "floor"]]
 
 
 def size_row(nbytes: int, m: dict) -> dict:

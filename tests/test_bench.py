@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,3 +31,35 @@ def test_the_quick_benchmark_suite_runs_and_reports_every_figure():
                 continue  # a time to accuracy: the quick runs may stop short of the target
             assert row["ours"]["median"] is not None and row["peer"]["median"] is not None, (name, row["case"])
     assert os.path.exists(os.path.join(folder, "benchmarks.md"))
+
+
+@pytest.mark.timeout(120)
+def test_the_floor_peer_makes_its_passes_over_the_bytes():
+    """The transport benchmark's floor is only a floor if it does the work: its server
+    steps its weights by the gradients and refuses non-finite ones, its client copies
+    the answer into its weights; with a pass left out, that pass's effect is missing."""
+    from bench.common import Procs
+    from bench.echo import FLOOR_LR
+    from bench.rigs import Floor
+
+    grads = np.linspace(-1.0, 1.0, 3 * 1_000_000 + 5, dtype=np.float32)  # several frames, the last short
+    with Procs() as procs:
+        full, no_step = Floor(procs, ("check", "step", "copy")), Floor(procs, ("copy",))
+        try:
+            for f in (full, no_step):
+                f.use_grads(grads)
+                f.round_trip()
+                f.round_trip()
+            np.testing.assert_allclose(full.weights, -2 * FLOOR_LR * grads, rtol=1e-5, atol=1e-12)
+            assert not no_step.weights.any()  # answered with weights never stepped
+            full.use_grads(np.where(np.arange(grads.size) == grads.size - 1, np.nan, grads).astype(np.float32))
+            with pytest.raises(RuntimeError, match="not finite"):
+                full.round_trip()
+            full.use_grads(grads)
+            full.round_trip()  # the refused push changed nothing: one more step from where it was
+            np.testing.assert_allclose(full.weights, -3 * FLOOR_LR * grads, rtol=1e-5, atol=1e-12)
+            with pytest.raises(ValueError, match="unknown passes"):
+                Floor(procs, ("check", "compress"))
+        finally:
+            full.close()
+            no_step.close()
