@@ -19,7 +19,7 @@ import pytest
 import torch
 import zmq
 
-from paramserver import protocol, sharding
+from paramserver import protocol, sharding, transport
 from paramserver.config import ConfigError, Consistency, OptimizerConfig, RunConfig
 from paramserver.errors import DeadlineExceeded, ProtocolError
 from paramserver.protocol import VERSION
@@ -116,6 +116,26 @@ def test_the_client_takes_parted_pulls_and_pushes_exactly_and_counts_every_part(
         time.sleep(0.001)
     for s in shards.servers:
         assert s.traffic[0].pulled_wire == s.bytes_pulled > s.traffic[0].pulled_raw  # every part's header too
+
+
+@pytest.mark.parametrize("zero_copy_min", [0, 1 << 40], ids=["every-frame-zero-copy", "every-frame-copied"])
+def test_answers_sent_with_or_without_a_copy_carry_each_step_exactly(shard_set, monkeypatch, zero_copy_min):
+    """transport.ZERO_COPY_MIN picks, by size, frames sent from the weights' own memory
+    (pinned until sent: the next step moves the weights aside) or copied; the real sizes
+    are megabytes, so here every frame goes one way or the other, pushes' and answers' alike."""
+    monkeypatch.setattr(transport, "ZERO_COPY_MIN", zero_copy_min)
+    shards = shard_set(PARTED, 2)
+    total = shards.plan[-1][-1].stop
+    client, weights = shards.client(), torch.empty(total)
+    client.pull(weights, worker=0, clock=0, timeout=10)
+    expected, version = weights.clone(), 0
+    for clock in range(4):
+        grads = torch.randn(total, generator=torch.Generator().manual_seed(clock))
+        version = client.push(grads, 0, 0, clock, version, timeout=10, pull_into=weights).version
+        expected.add_(grads, alpha=-0.1)  # what SGD's step does, in the same order
+        assert version == clock + 1
+        assert torch.equal(weights, expected), clock
+    client.wait_sent(5.0)
 
 
 # -- a shard that answers as a test says ----------------------------------------------
