@@ -15,7 +15,7 @@ import os
 import numpy as np
 import zmq
 
-from paramserver.transport import tune_allocator
+from paramserver.transport import send, tune_allocator
 
 
 def _router(ready) -> tuple[zmq.Context, zmq.Socket]:
@@ -52,24 +52,26 @@ def skeleton_main(ready, parent_pid: int, nbytes: int) -> None:
 
 
 PASSES = ("check", "step", "copy")
-FLOOR_LR = 1e-6
 
 
-def floor_main(ready, parent_pid: int, passes: tuple) -> None:
+def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> None:
     """The least a parameter server does to the bytes of a push + pull round trip, as
-    a bare pyzmq server: every message is gradients in float32 frames, answered with
-    b"ok" and the weights (one frame per frame received, sent without a copy from the
-    weights' own memory), after the `passes` chosen from PASSES that run here:
+    a bare pyzmq server. Every message is gradients in float32 frames. The `passes`
+    (of PASSES) that run here:
 
-    - check: the shards' dot-product test for NaN and Inf over every frame before any
-      is applied; a push that fails it is answered b"not finite" alone;
-    - step: the SGD update in place, `w -= lr * g`, torch's one-pass add.
+    - check: the shards' test for NaN and Inf over every frame before any is applied;
+      a push that fails it is answered with one message, b"not finite";
+    - step: the SGD update in place, `w -= lr * g`, torch's one-pass add (the kernel
+      torch.optim's SGD runs).
 
     ("copy" is the client's: `rigs.Floor` copies the answer into its flat weights.)
-    No validation, no header, no consistency rule, no Python objects per message:
-    what is left is the cost of the passes themselves. The answer's frames read the
-    weights in place while the next push's step writes them; a client that waits for
-    each whole answer before its next push (`rigs.Floor`) keeps the two apart.
+    The answer is one message [b"ok", weights] per frame received, each sent as soon
+    as its part of the weights is stepped, as a shard sends its answer's parts; from
+    `transport.ZERO_COPY_MIN` up without a copy, from the weights' own memory. The
+    weights start at 1.0, written, as a shard's are. No header, no validation, no
+    consistency rule: what is left is the cost of the passes. A client that takes
+    the whole answer before its next push (`rigs.Floor`) keeps the frames in flight
+    apart from the next step's writes.
     """
     tune_allocator()
     step = "step" in passes
@@ -78,25 +80,30 @@ def floor_main(ready, parent_pid: int, passes: tuple) -> None:
 
         torch.set_num_threads(1)
     ctx, sock = _router(ready)
-    weights = np.zeros(0, dtype=np.float32)
+    weights = np.ones(0, dtype=np.float32)
     while os.getppid() == parent_pid:
         if not sock.poll(100):
             continue
         identity, *frames = sock.recv_multipart(copy=False)
         grads = [np.frombuffer(f.buffer, dtype=np.float32) for f in frames]
-        if "check" in passes and not all(math.isfinite(np.dot(g, g)) or np.isfinite(g).all() for g in grads):
+        if "check" in passes and not all(_finite(g) for g in grads):
             sock.send_multipart([identity, b"not finite"])
             continue
         total = sum(g.size for g in grads)
         if weights.size != total:
-            weights = np.zeros(total, dtype=np.float32)
-        answer, start = [identity, b"ok"], 0
+            weights = np.ones(total, dtype=np.float32)
+        start = 0
         for g in grads:
             w = weights[start : start + g.size]
             if step:
-                torch.from_numpy(w).add_(torch.from_numpy(g), alpha=-FLOOR_LR)
-            answer.append(w)
+                torch.from_numpy(w).add_(torch.from_numpy(g), alpha=-lr)
+            send(sock, [identity, b"ok", w])
             start += g.size
-        sock.send_multipart(answer, copy=False)
     sock.close(linger=0)
     ctx.term()
+
+
+def _finite(a: np.ndarray) -> bool:
+    """`weights._finite`'s test (one dot product; the exact check only when it overflows),
+    written out here because importing that module imports torch."""
+    return math.isfinite(np.dot(a, a)) or bool(np.isfinite(a).all())

@@ -73,22 +73,27 @@ class Bare:
 
 
 class Floor:
-    """One `echo.floor_main` server making `passes` (of echo.PASSES) on a round trip: gradients
-    up in FRAME-sized float32 frames, the weights back, copied into a flat buffer here when
-    "copy" is among them (as a worker copies the answer into its model)."""
+    """One `echo.floor_main` server making `passes` (of echo.PASSES) with SGD rate `lr` on
+    a round trip: gradients up in FRAME-sized float32 frames, the weights back, one message
+    a frame, each copied into a flat buffer here when "copy" is among the passes (as a
+    worker copies the answer into its model)."""
 
-    def __init__(self, procs: Procs, passes: tuple):
+    def __init__(self, procs: Procs, passes: tuple[str, ...], lr: float):
         unknown = set(passes) - set(PASSES)
         if unknown:
             raise ValueError(f"unknown passes {sorted(unknown)}; known: {', '.join(PASSES)}")
         self.passes = tuple(passes)
         ready = SPAWN.Queue()
-        started = procs.spawn(floor_main, ready, os.getpid(), self.passes, name=f"bench-floor-{'+'.join(passes)}")
+        started = procs.spawn(floor_main, ready, os.getpid(), self.passes, lr, name=f"bench-floor-{'+'.join(passes)}")
         address = get(ready, 60, "floor server start", [started])
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
+        try:
+            self.sock.setsockopt(zmq.LINGER, 0)
+            self.sock.connect(address)
+        except BaseException:
+            self.close()
+            raise
         self.use_grads(np.zeros(0, dtype=np.float32))
 
     def use(self, nbytes: int) -> None:
@@ -96,23 +101,25 @@ class Floor:
         self.use_grads(torch.empty(nbytes // 4).uniform_(-1e-3, 1e-3).numpy())
 
     def use_grads(self, grads: np.ndarray) -> None:
-        self.grads, self.weights = grads, np.empty_like(grads)
+        # NaN until an answer is copied in: a pass that copied nothing shows
+        self.grads, self.weights = grads, np.full_like(grads, np.nan)
         step = FRAME // 4
         self.frames = [grads[o : o + step] for o in range(0, grads.size, step)]
 
     def round_trip(self) -> None:
-        self.sock.send_multipart(self.frames, copy=False)
-        if not self.sock.poll(int(TIMEOUT * 1000)):
-            raise TimeoutError("floor server did not answer")
-        status, *answer = self.sock.recv_multipart(copy=False)
-        if status.bytes != b"ok":
-            raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
-        if "copy" in self.passes:
-            start = 0
-            for f in answer:
-                values = np.frombuffer(f.buffer, dtype=np.float32)
-                self.weights[start : start + values.size] = values
-                start += values.size
+        transport.send(self.sock, self.frames)
+        deadline = time.monotonic() + TIMEOUT
+        start = 0
+        for _ in self.frames:
+            if not self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                raise TimeoutError("floor server did not answer")
+            status, *values = self.sock.recv_multipart(copy=False)
+            if status.bytes != b"ok":
+                raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
+            part = np.frombuffer(values[0].buffer, dtype=np.float32)
+            if "copy" in self.passes:
+                self.weights[start : start + part.size] = part
+            start += part.size
 
     def close(self) -> None:
         self.sock.close(linger=0)

@@ -38,28 +38,44 @@ def test_the_floor_peer_makes_its_passes_over_the_bytes():
     """The transport benchmark's floor is only a floor if it does the work: its server
     steps its weights by the gradients and refuses non-finite ones, its client copies
     the answer into its weights; with a pass left out, that pass's effect is missing."""
+    import torch
+
     from bench.common import Procs
-    from bench.echo import FLOOR_LR
     from bench.rigs import Floor
 
+    lr = 0.25
     grads = np.linspace(-1.0, 1.0, 3 * 1_000_000 + 5, dtype=np.float32)  # several frames, the last short
+
+    def stepped(times: int) -> np.ndarray:  # the server's weights start at 1.0; torch's add, as it runs
+        w = torch.ones(grads.size)
+        for _ in range(times):
+            w.add_(torch.from_numpy(grads), alpha=-lr)
+        return w.numpy()
+
     with Procs() as procs:
-        full, no_step = Floor(procs, ("check", "step", "copy")), Floor(procs, ("copy",))
+        made = []
         try:
-            for f in (full, no_step):
+            full = Floor(procs, ("check", "step", "copy"), lr)
+            made.append(full)
+            no_step = Floor(procs, ("check", "copy"), lr)
+            made.append(no_step)
+            no_copy = Floor(procs, ("check", "step"), lr)
+            made.append(no_copy)
+            for f in made:
                 f.use_grads(grads)
                 f.round_trip()
                 f.round_trip()
-            np.testing.assert_allclose(full.weights, -2 * FLOOR_LR * grads, rtol=1e-5, atol=1e-12)
-            assert not no_step.weights.any()  # answered with weights never stepped
+            np.testing.assert_array_equal(full.weights, stepped(2))
+            np.testing.assert_array_equal(no_step.weights, np.ones_like(grads))  # answered, never stepped
+            assert np.isnan(no_copy.weights).all()  # answered, never copied in
             full.use_grads(np.where(np.arange(grads.size) == grads.size - 1, np.nan, grads).astype(np.float32))
             with pytest.raises(RuntimeError, match="not finite"):
                 full.round_trip()
             full.use_grads(grads)
             full.round_trip()  # the refused push changed nothing: one more step from where it was
-            np.testing.assert_allclose(full.weights, -3 * FLOOR_LR * grads, rtol=1e-5, atol=1e-12)
+            np.testing.assert_array_equal(full.weights, stepped(3))
             with pytest.raises(ValueError, match="unknown passes"):
-                Floor(procs, ("check", "compress"))
+                Floor(procs, ("check", "compress"), lr)
         finally:
-            full.close()
-            no_step.close()
+            for f in made:
+                f.close()

@@ -120,9 +120,10 @@ def test_the_client_takes_parted_pulls_and_pushes_exactly_and_counts_every_part(
 
 @pytest.mark.parametrize("zero_copy_min", [0, 1 << 40], ids=["every-frame-zero-copy", "every-frame-copied"])
 def test_answers_sent_with_or_without_a_copy_carry_each_step_exactly(shard_set, monkeypatch, zero_copy_min):
-    """transport.ZERO_COPY_MIN picks, by size, frames sent from the weights' own memory
-    (pinned until sent: the next step moves the weights aside) or copied; the real sizes
-    are megabytes, so here every frame goes one way or the other, pushes' and answers' alike."""
+    """transport.ZERO_COPY_MIN picks, by size, frames sent from the weights' and the
+    gradients' own memory (tracked and pinned) or copied; the real sizes are megabytes,
+    so here every frame goes one way or the other, pushes' and answers' alike. (A step
+    that comes while pinned frames are still in flight is test_core's.)"""
     monkeypatch.setattr(transport, "ZERO_COPY_MIN", zero_copy_min)
     shards = shard_set(PARTED, 2)
     total = shards.plan[-1][-1].stop
