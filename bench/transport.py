@@ -9,8 +9,8 @@ SGD without momentum (the apply is one in-place add; benchmark 5 times it).
 
 From 1 MB up a third peer runs in the same rotation, the floor (`echo.floor_main`):
 the same bare echo making the three passes over the bytes that a parameter server
-cannot skip, the server's finiteness check and SGD step and the client's copy of
-the answer into its weights, with nothing else (each stepped frame goes out at once,
+makes, the server's finiteness check and SGD step and the client's copy of the
+answer into its weights, with nothing else (each stepped frame goes out at once,
 as our shard's answer parts do). At one size each pass also runs alone. They say
 what the passes themselves cost against the echo, and how much of our gap to the
 echo is ours.
@@ -34,13 +34,11 @@ QUICK_SIZES = [SMALL, 16 * MB]
 # the floor peers: all the passes, and each alone (at one size: they only split the floor up)
 FLOORS = {"floor": PASSES, **{f"{p} only": (p,) for p in PASSES}}
 SPLIT_SIZE, QUICK_SPLIT_SIZE = 100 * MB, 16 * MB
+LR = 1e-6  # ours and the floor's SGD rate: small, so the weights drift little over thousands of round trips
 
 
 def label(nbytes: int) -> str:
     return f"{nbytes // 1024} KB" if nbytes < MB else f"{nbytes // MB} MB"
-
-
-LR = 1e-6  # small: the weights drift little over thousands of round trips
 
 
 def transport_run(nbytes: int) -> RunConfig:
