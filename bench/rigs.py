@@ -73,56 +73,64 @@ class Bare:
 
 
 class Floor:
-    """One `echo.floor_main` server making `passes` (of echo.PASSES) with SGD rate `lr` on
-    a round trip: gradients up in FRAME-sized float32 frames, the weights back, one message
-    a frame, each copied into a flat buffer here when "copy" is among the passes (as a
-    worker copies the answer into its model)."""
+    """Up to `servers` `echo.floor_main` processes making `passes` (of echo.PASSES) with SGD
+    rate `lr`; a round trip sends each 1/n of the gradients, in parallel, as Bare does, in
+    FRAME-sized float32 frames, and takes the weights back one message a frame, each copied
+    into a flat buffer here when "copy" is among the passes (as a worker copies the answer
+    into its model)."""
 
-    def __init__(self, procs: Procs, passes: tuple[str, ...], lr: float):
+    def __init__(self, procs: Procs, passes: tuple[str, ...], lr: float, servers: int = 1):
         unknown = set(passes) - set(PASSES)
         if unknown:
             raise ValueError(f"unknown passes {sorted(unknown)}; known: {', '.join(PASSES)}")
         self.passes = tuple(passes)
         ready = SPAWN.Queue()
-        started = procs.spawn(floor_main, ready, os.getpid(), self.passes, lr, name=f"bench-floor-{'+'.join(passes)}")
-        address = get(ready, 60, "floor server start", [started])
+        started = [procs.spawn(floor_main, ready, os.getpid(), self.passes, lr,
+                               name=f"bench-floor-{'+'.join(passes)}-{i}") for i in range(servers)]
+        addresses = [get(ready, 60, "floor server start", started) for _ in range(servers)]
         self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
+        self.socks = []
         try:
-            self.sock.setsockopt(zmq.LINGER, 0)
-            self.sock.connect(address)
+            for a in addresses:
+                s = self.ctx.socket(zmq.DEALER)
+                self.socks.append(s)
+                s.setsockopt(zmq.LINGER, 0)
+                s.connect(a)
         except BaseException:
             self.close()
             raise
         self.use_grads(np.zeros(0, dtype=np.float32))
 
-    def use(self, nbytes: int) -> None:
-        """Gradients of `nbytes` (float32), small random values as a worker's are."""
-        self.use_grads(torch.empty(nbytes // 4).uniform_(-1e-3, 1e-3).numpy())
+    def use(self, nbytes: int, servers: int = 1) -> None:
+        """Gradients of `nbytes` (float32), small random values as a worker's are, over the first `servers`."""
+        self.use_grads(torch.empty(nbytes // 4).uniform_(-1e-3, 1e-3).numpy(), servers)
 
-    def use_grads(self, grads: np.ndarray) -> None:
+    def use_grads(self, grads: np.ndarray, servers: int = 1) -> None:
         # NaN until an answer is copied in: a pass that copied nothing shows
         self.grads, self.weights = grads, np.full_like(grads, np.nan)
-        step = FRAME // 4
-        self.frames = [grads[o : o + step] for o in range(0, grads.size, step)]
+        step, cuts = FRAME // 4, [grads.size * i // servers for i in range(servers + 1)]
+        # per server: its frames, and where its answer goes in `weights`
+        self.parts = [([grads[o : min(o + step, hi)] for o in range(lo, hi, step)], lo) for lo, hi in zip(cuts, cuts[1:])]
 
     def round_trip(self) -> None:
-        transport.send(self.sock, self.frames)
+        for sock, (frames, _) in zip(self.socks, self.parts):
+            transport.send(sock, frames)
         deadline = time.monotonic() + TIMEOUT
-        start = 0
-        for _ in self.frames:
-            if not self.sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                raise TimeoutError("floor server did not answer")
-            status, *values = self.sock.recv_multipart(copy=False)
-            if status.bytes != b"ok":
-                raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
-            part = np.frombuffer(values[0].buffer, dtype=np.float32)
-            if "copy" in self.passes:
-                self.weights[start : start + part.size] = part
-            start += part.size
+        for sock, (frames, start) in zip(self.socks, self.parts):
+            for _ in frames:
+                if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                    raise TimeoutError("floor server did not answer")
+                status, *values = sock.recv_multipart(copy=False)
+                if status.bytes != b"ok":
+                    raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
+                part = np.frombuffer(values[0].buffer, dtype=np.float32)
+                if "copy" in self.passes:
+                    self.weights[start : start + part.size] = part
+                start += part.size
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        for s in self.socks:
+            s.close(linger=0)
         self.ctx.term()
 
 

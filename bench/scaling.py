@@ -1,15 +1,17 @@
 """2. Shard scaling: the transport round trip with 1, 2 and 4 shard processes on this one
 host, against the bare echo spread over as many echo processes (each gets an
-equal part of the bytes, all in parallel, as the client does with shards).
+equal part of the bytes, all in parallel, as the client does with shards), and
+benchmark 1's floor spread the same way.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .common import MB, Procs, row, shared, summary
-from .rigs import Bare, ShardHosts
-from .transport import gbps, label, measure
+from .common import MB, Procs, paired_ratios, row, shared, summary
+from .echo import PASSES
+from .rigs import Bare, Floor, ShardHosts
+from .transport import LR, gbps, label, measure
 
 SHARDS = [1, 2, 4]
 SIZES = [100 * MB]
@@ -22,12 +24,14 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
     rows, raw = [], {}
     hosts, own = shared(context, "shard_hosts", ShardHosts)
     with Procs() as procs:
-        bare = Bare(procs, max(SHARDS))
+        bare = floor = None
         try:
+            bare = Bare(procs, max(SHARDS))
+            floor = Floor(procs, PASSES, LR, max(SHARDS))
             for nbytes in sizes:
                 base = None
                 for shards in SHARDS:
-                    m = measure(hosts, bare, {}, nbytes, shards, reps, quick)
+                    m = measure(hosts, bare, {"floor": floor}, nbytes, shards, reps, quick)
                     ours, peer = gbps(nbytes, m["ours"]), gbps(nbytes, m["bare"])
                     base = base or summary(ours)["median"]
                     r = row(f"{label(nbytes)}, {shards} shard{'s' * (shards > 1)}", "GB/s", ours, peer,
@@ -35,22 +39,30 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                             target=">= 0.8x bare")
                     r["met"] = r["ratio"]["median"] >= 0.8
                     r["vs_one_shard"] = summary(ours)["median"] / base
+                    floor_gbps = gbps(nbytes, m["floor"])
+                    r["floor"] = summary(floor_gbps)
+                    r["floor_ratio"] = summary(paired_ratios(floor_gbps, peer))
+                    r["ours_floor"] = summary(paired_ratios(ours, floor_gbps))
                     rows.append(r)
                     raw[r["case"]] = {"bytes": nbytes, "shards": shards, **m}
         finally:
-            bare.close()
+            for peer in (bare, floor):
+                if peer is not None:
+                    peer.close()
             if own:
                 hosts.close()
     return {
         "name": "scaling", "title": "2. Shard scaling",
         "what": "The benchmark-1 round trip with the model split over 1, 2 and 4 shard processes "
                 "(one host), against the bare echo split over as many echo processes. "
-                "'vs 1 shard' is ours at S shards over ours at 1 shard (same size). "
+                "'vs 1 shard' is ours at S shards over ours at 1 shard (same size). The floor is benchmark 1's "
+                "(the echo making a parameter server's passes over the bytes), split over as many processes. "
                 "The machine has 2 cores, so more than 2 processes cannot add CPU.",
         "rows": rows, "raw": raw, "reps": reps,
-        "detail": {"columns": ["size", "shards", "ours GB/s", "ours vs 1 shard", "bare GB/s"],
-                   "rows": [[r["case"].split(",")[0], r["shards"], r["ours"], f"{r['vs_one_shard']:.2f}x", r["peer"]]
-                            for r in rows]},
+        "detail": {"columns": ["size", "shards", "ours GB/s", "ours vs 1 shard", "bare GB/s", "floor GB/s",
+                               "floor / bare", "ours / floor"],
+                   "rows": [[r["case"].split(",")[0], r["shards"], r["ours"], f"{r['vs_one_shard']:.2f}x", r["peer"],
+                             r["floor"], r["floor_ratio"], r["ours_floor"]] for r in rows]},
     }
 
 

@@ -65,7 +65,7 @@ def measure(hosts: ShardHosts, bare: Bare, floors: dict, nbytes: int, shards: in
     try:
         bare.use(nbytes, shards)
         for f in floors.values():
-            f.use(nbytes)
+            f.use(nbytes, shards)
         runs = {"ours": ours.round_trip, "bare": bare.round_trip, **{k: f.round_trip for k, f in floors.items()}}
         for _ in range(2):  # warm-up: first-touch page faults, TCP windows, snapshot buffers
             for f in runs.values():

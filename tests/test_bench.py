@@ -61,11 +61,14 @@ def test_the_floor_peer_makes_its_passes_over_the_bytes():
             made.append(no_step)
             no_copy = Floor(procs, ("check", "step"), lr)
             made.append(no_copy)
+            split = Floor(procs, ("check", "step", "copy"), lr, servers=2)  # as benchmark 2 spreads it
+            made.append(split)
             for f in made:
-                f.use_grads(grads)
+                f.use_grads(grads, servers=2 if f is split else 1)
                 f.round_trip()
                 f.round_trip()
             np.testing.assert_array_equal(full.weights, stepped(2))
+            np.testing.assert_array_equal(split.weights, stepped(2))
             np.testing.assert_array_equal(no_step.weights, np.ones_like(grads))  # answered, never stepped
             assert np.isnan(no_copy.weights).all()  # answered, never copied in
             full.use_grads(np.where(np.arange(grads.size) == grads.size - 1, np.nan, grads).astype(np.float32))
