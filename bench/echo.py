@@ -1,6 +1,6 @@
 """The bare pyzmq peers, as process entry points that import neither torch nor
 paramserver's roles (they start in a fraction of a second and take no memory);
-the floor imports torch for its step only.
+the floor imports torch for its check and step.
 
 They set up malloc as our processes do (`transport.tune_allocator`): without it
 every frame they receive lands on freshly faulted pages, and the echo of 100 MB
@@ -9,7 +9,6 @@ takes 2-3 times as long; the peer is to be pyzmq at its fastest.
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -59,8 +58,8 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
     a bare pyzmq server. Every message is gradients in float32 frames. The `passes`
     (of PASSES) that run here:
 
-    - check: the shards' test for NaN and Inf over every frame before any is applied;
-      a push that fails it is answered with one message, b"not finite";
+    - check: the shards' test for NaN and Inf (`weights.finite`) over every frame before
+      any is applied; a push that fails it is answered with one message, b"not finite";
     - step: the SGD update in place, `w -= lr * g`, torch's one-pass add (the kernel
       torch.optim's SGD runs).
 
@@ -75,8 +74,10 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
     """
     tune_allocator()
     step = "step" in passes
-    if step:
+    if step or "check" in passes:  # imported here: the echoes above start without torch
         import torch
+
+        from paramserver.weights import finite
 
         torch.set_num_threads(1)
     ctx, sock = _router(ready)
@@ -86,7 +87,7 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
             continue
         identity, *frames = sock.recv_multipart(copy=False)
         grads = [np.frombuffer(f.buffer, dtype=np.float32) for f in frames]
-        if "check" in passes and not all(_finite(g) for g in grads):
+        if "check" in passes and not all(finite(g) for g in grads):
             sock.send_multipart([identity, b"not finite"])
             continue
         total = sum(g.size for g in grads)
@@ -102,8 +103,3 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
     sock.close(linger=0)
     ctx.term()
 
-
-def _finite(a: np.ndarray) -> bool:
-    """`weights._finite`'s test (one dot product; the exact check only when it overflows),
-    written out here because importing that module imports torch."""
-    return math.isfinite(np.dot(a, a)) or bool(np.isfinite(a).all())

@@ -33,61 +33,14 @@ FRAME = 4 * MB  # the bare echo's frame size: the fastest for pyzmq here (DESIGN
 TIMEOUT = 120.0  # one round trip of 400 MB takes about a second; a stuck one fails the run
 
 
-class Bare:
-    """Up to `servers` echo processes; a round trip sends each 1/n of the bytes, in parallel."""
+class _Servers:
+    """`servers` processes of `target(ready, parent_pid, *args)`, each reporting its address
+    on `ready`, and a DEALER connected to each."""
 
-    def __init__(self, procs: Procs, servers: int):
+    def __init__(self, procs: Procs, target, args: tuple, servers: int, name: str):
         ready = SPAWN.Queue()
-        started = [procs.spawn(echo_main, ready, os.getpid(), name=f"bench-echo-{i}") for i in range(servers)]
-        self.addresses = [get(ready, 60, "echo server start", started) for _ in range(servers)]
-        self.ctx = zmq.Context()
-        self.socks = []
-        for a in self.addresses:
-            s = self.ctx.socket(zmq.DEALER)
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(a)
-            self.socks.append(s)
-        self.parts: list[list[memoryview]] = []
-
-    def use(self, nbytes: int, servers: int) -> None:
-        """A payload of `nbytes` split over the first `servers` echoes, in FRAME-sized frames."""
-        self.payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-        view = memoryview(self.payload)
-        cuts = [nbytes * i // servers for i in range(servers + 1)]
-        self.parts = [[view[o: min(o + FRAME, hi)] for o in range(lo, hi, FRAME)] for lo, hi in zip(cuts, cuts[1:])]
-        self.copy_recv = nbytes // servers < zmq.COPY_THRESHOLD  # small: bytes are cheaper than Frames
-
-    def round_trip(self) -> None:
-        for sock, frames in zip(self.socks, self.parts):
-            sock.send_multipart(frames, copy=False)
-        deadline = time.monotonic() + TIMEOUT
-        for sock in self.socks[: len(self.parts)]:
-            if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
-                raise TimeoutError("bare echo did not answer")
-            sock.recv_multipart(copy=self.copy_recv)
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close(linger=0)
-        self.ctx.term()
-
-
-class Floor:
-    """Up to `servers` `echo.floor_main` processes making `passes` (of echo.PASSES) with SGD
-    rate `lr`; a round trip sends each 1/n of the gradients, in parallel, as Bare does, in
-    FRAME-sized float32 frames, and takes the weights back one message a frame, each copied
-    into a flat buffer here when "copy" is among the passes (as a worker copies the answer
-    into its model)."""
-
-    def __init__(self, procs: Procs, passes: tuple[str, ...], lr: float, servers: int = 1):
-        unknown = set(passes) - set(PASSES)
-        if unknown:
-            raise ValueError(f"unknown passes {sorted(unknown)}; known: {', '.join(PASSES)}")
-        self.passes = tuple(passes)
-        ready = SPAWN.Queue()
-        started = [procs.spawn(floor_main, ready, os.getpid(), self.passes, lr,
-                               name=f"bench-floor-{'+'.join(passes)}-{i}") for i in range(servers)]
-        addresses = [get(ready, 60, "floor server start", started) for _ in range(servers)]
+        started = [procs.spawn(target, ready, os.getpid(), *args, name=f"{name}-{i}") for i in range(servers)]
+        addresses = [get(ready, 60, f"{name} start", started) for _ in range(servers)]
         self.ctx = zmq.Context()
         self.socks = []
         try:
@@ -99,6 +52,56 @@ class Floor:
         except BaseException:
             self.close()
             raise
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close(linger=0)
+        self.ctx.term()
+
+
+def _split(buf: np.ndarray, servers: int, frame: int) -> list[tuple[list[np.ndarray], int]]:
+    """`buf` cut into `servers` equal runs, one per server, each as `frame`-long frames:
+    [(frames, start)] with start the run's offset in `buf`."""
+    cuts = [buf.size * i // servers for i in range(servers + 1)]
+    return [([buf[o : min(o + frame, hi)] for o in range(lo, hi, frame)], lo) for lo, hi in zip(cuts, cuts[1:])]
+
+
+class Bare(_Servers):
+    """Up to `servers` echo processes; a round trip sends each 1/n of the bytes, in parallel."""
+
+    def __init__(self, procs: Procs, servers: int):
+        super().__init__(procs, echo_main, (), servers, "bench-echo")
+        self.parts: list[tuple[list[np.ndarray], int]] = []
+
+    def use(self, nbytes: int, servers: int) -> None:
+        """A payload of `nbytes` split over the first `servers` echoes, in FRAME-sized frames."""
+        self.payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        self.parts = _split(self.payload, servers, FRAME)
+        self.copy_recv = nbytes // servers < zmq.COPY_THRESHOLD  # small: bytes are cheaper than Frames
+
+    def round_trip(self) -> None:
+        for sock, (frames, _) in zip(self.socks, self.parts):
+            sock.send_multipart(frames, copy=False)
+        deadline = time.monotonic() + TIMEOUT
+        for sock in self.socks[: len(self.parts)]:
+            if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                raise TimeoutError("bare echo did not answer")
+            sock.recv_multipart(copy=self.copy_recv)
+
+
+class Floor(_Servers):
+    """Up to `servers` `echo.floor_main` processes making `passes` (of echo.PASSES) with SGD
+    rate `lr`; a round trip sends each 1/n of the gradients, in parallel, as Bare does, in
+    FRAME-sized float32 frames, and takes the weights back one message a frame, each copied
+    into a flat buffer here when "copy" is among the passes (as a worker copies the answer
+    into its model)."""
+
+    def __init__(self, procs: Procs, passes: tuple[str, ...], lr: float, servers: int = 1):
+        unknown = set(passes) - set(PASSES)
+        if unknown:
+            raise ValueError(f"unknown passes {sorted(unknown)}; known: {', '.join(PASSES)}")
+        self.passes = tuple(passes)
+        super().__init__(procs, floor_main, (self.passes, lr), servers, f"bench-floor-{'+'.join(passes)}")
         self.use_grads(np.zeros(0, dtype=np.float32))
 
     def use(self, nbytes: int, servers: int = 1) -> None:
@@ -108,9 +111,7 @@ class Floor:
     def use_grads(self, grads: np.ndarray, servers: int = 1) -> None:
         # NaN until an answer is copied in: a pass that copied nothing shows
         self.grads, self.weights = grads, np.full_like(grads, np.nan)
-        step, cuts = FRAME // 4, [grads.size * i // servers for i in range(servers + 1)]
-        # per server: its frames, and where its answer goes in `weights`
-        self.parts = [([grads[o : min(o + step, hi)] for o in range(lo, hi, step)], lo) for lo, hi in zip(cuts, cuts[1:])]
+        self.parts = _split(grads, servers, FRAME // 4)
 
     def round_trip(self) -> None:
         for sock, (frames, _) in zip(self.socks, self.parts):
@@ -127,11 +128,6 @@ class Floor:
                 if "copy" in self.passes:
                     self.weights[start : start + part.size] = part
                 start += part.size
-
-    def close(self) -> None:
-        for s in self.socks:
-            s.close(linger=0)
-        self.ctx.term()
 
 
 def host_main(inbox, ready, idle, number: int) -> None:

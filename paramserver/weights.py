@@ -26,7 +26,7 @@ from .errors import ProtocolError
 from .protocol import ErrorCode
 from .sharding import Chunk
 
-# _finite's squares of huge finite entries overflow on purpose: the exact check follows
+# finite's squares of huge finite entries overflow on purpose: the exact check follows
 warnings.filterwarnings("ignore", "overflow encountered in dot", RuntimeWarning, __name__)
 
 
@@ -79,7 +79,7 @@ class Weights:
             values = codecs.for_wire(meta.codec).decode(meta, buf, self.chunks[i].numel)
             if not values.flags.aligned:  # a small frame can sit at any offset of zmq's receive buffer
                 values = values.copy()
-            if not _finite(values):
+            if not finite(values):
                 raise ProtocolError("gradient has NaN or Inf values; push refused", ErrorCode.NOT_FINITE)
             grads[i] = torch.from_numpy(values)
         if not grads:
@@ -230,7 +230,7 @@ class _Started:
     seconds: float = 0.0
 
 
-def _finite(a: np.ndarray) -> bool:
+def finite(a: np.ndarray) -> bool:
     """No NaN or Inf in `a` (float32, shape (n,)).
 
     One pass without a temporary: the dot product a . a is finite unless `a` holds a

@@ -684,12 +684,12 @@ def test_the_shards_step_is_the_optimizers_own(cfg, tensors):
 # weights.py ignores it; pytest puts its own filters around each test
 @pytest.mark.filterwarnings("ignore:overflow encountered in dot:RuntimeWarning")
 def test_finiteness_check_finds_nan_and_inf_anywhere_and_only_them(n, bad):
-    from paramserver.weights import _finite
+    from paramserver.weights import finite
 
     base = np.random.default_rng(n).standard_normal(n).astype(np.float32)
-    assert _finite(base)
+    assert finite(base)
     for pos in {0, n // 2, n - 1}:
         x = base.copy()
         x[pos] = bad
         # huge finite entries overflow the one-pass check's squares: still finite
-        assert _finite(x) == bool(np.isfinite(bad)), (n, pos)
+        assert finite(x) == bool(np.isfinite(bad)), (n, pos)
