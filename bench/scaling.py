@@ -1,7 +1,7 @@
 """2. Shard scaling: the transport round trip with 1, 2 and 4 shard processes on this one
 host, against the bare echo spread over as many echo processes (each gets an
 equal part of the bytes, all in parallel, as the client does with shards), and
-benchmark 1's floor spread the same way.
+benchmark 1's floors (all the passes; the server's alone) spread the same way.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from .common import MB, Procs, paired_ratios, row, shared, summary
-from .echo import PASSES
 from .rigs import Bare, Floor, ShardHosts
-from .transport import LR, gbps, label, measure
+from .transport import EVERY_SIZE, FLOORS, LR, gbps, label, measure
 
 SHARDS = [1, 2, 4]
 SIZES = [100 * MB]
@@ -24,14 +23,15 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
     rows, raw = [], {}
     hosts, own = shared(context, "shard_hosts", ShardHosts)
     with Procs() as procs:
-        bare = floor = None
+        bare, floors = None, {}
         try:
             bare = Bare(procs, max(SHARDS))
-            floor = Floor(procs, PASSES, LR, max(SHARDS))
+            for k in EVERY_SIZE:
+                floors[k] = Floor(procs, FLOORS[k], LR, max(SHARDS))
             for nbytes in sizes:
                 base = None
                 for shards in SHARDS:
-                    m = measure(hosts, bare, {"floor": floor}, nbytes, shards, reps, quick)
+                    m = measure(hosts, bare, floors, nbytes, shards, reps, quick)
                     ours, peer = gbps(nbytes, m["ours"]), gbps(nbytes, m["bare"])
                     base = base or summary(ours)["median"]
                     r = row(f"{label(nbytes)}, {shards} shard{'s' * (shards > 1)}", "GB/s", ours, peer,
@@ -43,10 +43,11 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                     r["floor"] = summary(floor_gbps)
                     r["floor_ratio"] = summary(paired_ratios(floor_gbps, peer))
                     r["ours_floor"] = summary(paired_ratios(ours, floor_gbps))
+                    r["server_ratio"] = summary(paired_ratios(gbps(nbytes, m["server passes"]), peer))
                     rows.append(r)
                     raw[r["case"]] = {"bytes": nbytes, "shards": shards, **m}
         finally:
-            for peer in (bare, floor):
+            for peer in (bare, *floors.values()):
                 if peer is not None:
                     peer.close()
             if own:
@@ -56,13 +57,14 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
         "what": "The benchmark-1 round trip with the model split over 1, 2 and 4 shard processes "
                 "(one host), against the bare echo split over as many echo processes. "
                 "'vs 1 shard' is ours at S shards over ours at 1 shard (same size). The floor is benchmark 1's "
-                "(the echo making a parameter server's passes over the bytes), split over as many processes. "
+                "(the echo making a parameter server's passes over the bytes; 'server passes' without the "
+                "client's copy), split over as many processes. "
                 "The machine has 2 cores, so more than 2 processes cannot add CPU.",
         "rows": rows, "raw": raw, "reps": reps,
         "detail": {"columns": ["size", "shards", "ours GB/s", "ours vs 1 shard", "bare GB/s", "floor GB/s",
-                               "floor / bare", "ours / floor"],
+                               "floor / bare", "ours / floor", "server passes / bare"],
                    "rows": [[r["case"].split(",")[0], r["shards"], r["ours"], f"{r['vs_one_shard']:.2f}x", r["peer"],
-                             r["floor"], r["floor_ratio"], r["ours_floor"]] for r in rows]},
+                             r["floor"], r["floor_ratio"], r["ours_floor"], r["server_ratio"]] for r in rows]},
     }
 
 

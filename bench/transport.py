@@ -11,9 +11,10 @@ From 1 MB up a third peer runs in the same rotation, the floor (`echo.floor_main
 the same bare echo making the three passes over the bytes that a parameter server
 makes, the server's finiteness check and SGD step and the client's copy of the
 answer into its weights, with nothing else (each stepped frame goes out at once,
-as our shard's answer parts do). At one size each pass also runs alone. They say
-what the passes themselves cost against the echo, and how much of our gap to the
-echo is ours.
+as our shard's answer parts do). A fourth makes the server's two alone: no worker
+can do without them, whatever it does with the answer. At one size each pass also
+runs alone. They say what the passes themselves cost against the echo, and how
+much of our gap to the echo is ours.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from .rigs import Bare, Floor, Ours, ShardHosts
 SMALL = 4096
 SIZES = [SMALL, 1 * MB, 16 * MB, 100 * MB, 400 * MB]
 QUICK_SIZES = [SMALL, 16 * MB]
-# the floor peers: all the passes, and each alone (at one size: they only split the floor up)
-FLOORS = {"floor": PASSES, **{f"{p} only": (p,) for p in PASSES}}
+# the floor peers: all the passes; the server's (the check and the step: a worker that took the
+# answer's frames as its weights would skip its copy, no server can skip these); and each pass
+# alone (at one size only: they split the floor up)
+FLOORS = {"floor": PASSES, "server passes": ("check", "step"), **{f"{p} only": (p,) for p in PASSES}}
+EVERY_SIZE = ("floor", "server passes")
 SPLIT_SIZE, QUICK_SPLIT_SIZE = 100 * MB, 16 * MB
 LR = 1e-6  # ours and the floor's SGD rate: small, so the weights drift little over thousands of round trips
 
@@ -100,7 +104,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
             for k, passes in FLOORS.items():
                 floors[k] = Floor(procs, passes, LR)
             for nbytes in sizes:
-                peers = {} if nbytes == SMALL else {k: f for k, f in floors.items() if k == "floor" or nbytes == split}
+                peers = {} if nbytes == SMALL else {k: f for k, f in floors.items() if k in EVERY_SIZE or nbytes == split}
                 m = measure(hosts, bare, peers, nbytes, 1, reps, quick)
                 raw[label(nbytes)] = {"bytes": nbytes, **m}
                 rows.append(size_row(nbytes, m))
@@ -128,8 +132,10 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                      "steps its weights with them (`w -= lr * g`, one pass), sending each 4 MB frame of the "
                      "weights as soon as it is stepped (as a shard sends its answer's parts); its client "
                      "copies the answer into a flat buffer. Nothing else: no header, no validation, no "
-                     "consistency rule. Run in the same rotation as ours and the echo; at "
-                     f"{label(split)} each pass also runs alone. Paired ratios of GB/s, median [min-max].",
+                     "consistency rule. 'server passes' is the same floor without the client's copy: the "
+                     "check and the step, which no parameter server can leave out. Run in the same rotation "
+                     f"as ours and the echo; at {label(split)} each pass also runs alone. Paired ratios of "
+                     "GB/s, median [min-max].",
             "columns": ["size", "ours / bare", "floor / bare", "ours / floor",
                         *[f"{k} / bare" for k in FLOORS if k != "floor"]],
             "rows": floor_rows,
