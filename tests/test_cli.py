@@ -2,6 +2,7 @@
 
 import json
 import socket
+import subprocess
 import time
 
 import psutil
@@ -122,7 +123,18 @@ def test_ctrl_c_stops_every_server_process(procs):
     children = psutil.Process(server.pid).children(recursive=True)
     assert len([c for c in children if "resource_tracker" not in " ".join(c.cmdline())]) == 2
     server.send_signal(2)  # SIGINT, as Ctrl-C
-    assert server.wait(timeout=30) == 0
+    try:
+        code = server.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # say where it stuck: the log, and which processes still ran
+        states = {}
+        for p in (psutil.Process(server.pid), *children):
+            try:
+                states[p.pid] = p.status()
+            except psutil.NoSuchProcess:
+                pass
+        server.kill()
+        pytest.fail(f"still running 30 s after Ctrl-C: {states}; its log:\n{server.communicate()[1][-4000:]}")
+    assert code == 0
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
     assert "Traceback" not in server.communicate()[1]
