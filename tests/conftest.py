@@ -293,9 +293,9 @@ class Procs:
     def __init__(self):
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, *args, env=None) -> subprocess.Popen:
+    def start(self, *args, env=None, preexec_fn=None) -> subprocess.Popen:
         p = subprocess.Popen([os.path.join(BIN, args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, **(env or {})})
+                             text=True, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
         self.procs.append(p)
         return p
 

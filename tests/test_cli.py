@@ -1,6 +1,7 @@
 """The three CLIs as a user runs them: real subprocesses on loopback, each ended by pid."""
 
 import json
+import signal
 import socket
 import subprocess
 import time
@@ -115,14 +116,17 @@ def test_environment_variables_set_options(procs):
 
 def test_ctrl_c_stops_every_server_process(procs):
     port = free_port_block(3)
-    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2")
+    # as a terminal's foreground job gets it: a suite started in the background (`make test &`)
+    # passes SIGINT down ignored, and Python keeps an ignored SIGINT ignored
+    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2",
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if run("ps-server", "status", "--server", f"tcp://127.0.0.1:{port}", "--timeout", "1").returncode == 0:
             break
     children = psutil.Process(server.pid).children(recursive=True)
     assert len([c for c in children if "resource_tracker" not in " ".join(c.cmdline())]) == 2
-    server.send_signal(2)  # SIGINT, as Ctrl-C
+    server.send_signal(signal.SIGINT)  # as Ctrl-C
     try:
         code = server.wait(timeout=30)
     except subprocess.TimeoutExpired:  # say where it stuck: the log, and which processes still ran
