@@ -11,9 +11,9 @@ From 1 MB up a third peer runs in the same rotation, the floor (`echo.floor_main
 the same bare echo making the three passes over the bytes that a parameter server
 makes, the server's finiteness check and SGD step and the client's copy of the
 answer into its weights, with nothing else (each stepped frame goes out at once,
-as our shard's answer parts do). A fourth makes the server's two alone: no worker
-can do without them, whatever it does with the answer. At one size each pass also
-runs alone. They say what the passes themselves cost against the echo, and how
+as our shard's answer parts do). A fourth makes the server's two alone: no parameter
+server can leave them out, whatever a worker does with the answer. At one size each
+pass also runs alone. They say what the passes themselves cost against the echo, and how
 much of our gap to the echo is ours.
 """
 
