@@ -73,8 +73,8 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
     apart from the next step's writes.
     """
     tune_allocator()
-    step = "step" in passes
-    if step or "check" in passes:  # imported here: the echoes above start without torch
+    step, check = "step" in passes, "check" in passes
+    if step or check:  # imported here: the echoes above start without torch
         import torch
 
         from paramserver.weights import finite
@@ -87,7 +87,7 @@ def floor_main(ready, parent_pid: int, passes: tuple[str, ...], lr: float) -> No
             continue
         identity, *frames = sock.recv_multipart(copy=False)
         grads = [np.frombuffer(f.buffer, dtype=np.float32) for f in frames]
-        if "check" in passes and not all(finite(g) for g in grads):
+        if check and not all(finite(g) for g in grads):
             sock.send_multipart([identity, b"not finite"])
             continue
         total = sum(g.size for g in grads)

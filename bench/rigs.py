@@ -114,6 +114,7 @@ class Floor(_Servers):
         self.parts = _split(grads, servers, FRAME // 4)
 
     def round_trip(self) -> None:
+        copy = "copy" in self.passes
         for sock, (frames, _) in zip(self.socks, self.parts):
             transport.send(sock, frames)
         deadline = time.monotonic() + TIMEOUT
@@ -125,7 +126,7 @@ class Floor(_Servers):
                 if status.bytes != b"ok":
                     raise RuntimeError(f"floor server refused the push: {status.bytes[:40]!r}")
                 part = np.frombuffer(values[0].buffer, dtype=np.float32)
-                if "copy" in self.passes:
+                if copy:
                     self.weights[start : start + part.size] = part
                 start += part.size
 

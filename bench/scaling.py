@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .common import MB, Procs, paired_ratios, row, shared, summary
+from .common import MB, Procs, row, shared, summary
 from .rigs import Bare, Floor, ShardHosts
-from .transport import EVERY_SIZE, FLOORS, LR, gbps, label, measure
+from .transport import EVERY_SIZE, FLOORS, LR, close_peers, floor_ratios, gbps, label, measure
 
 SHARDS = [1, 2, 4]
 SIZES = [100 * MB]
@@ -39,17 +39,14 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                             target=">= 0.8x bare")
                     r["met"] = r["ratio"]["median"] >= 0.8
                     r["vs_one_shard"] = summary(ours)["median"] / base
-                    floor_gbps = gbps(nbytes, m["floor"])
-                    r["floor"] = summary(floor_gbps)
-                    r["floor_ratio"] = summary(paired_ratios(floor_gbps, peer))
-                    r["ours_floor"] = summary(paired_ratios(ours, floor_gbps))
-                    r["server_ratio"] = summary(paired_ratios(gbps(nbytes, m["server passes"]), peer))
+                    ratio = floor_ratios(nbytes, m)
+                    r["floor"] = summary(gbps(nbytes, m["floor"]))
+                    r["floor_ratio"], r["ours_floor"] = ratio["floor"], ratio["ours / floor"]
+                    r["server_ratio"] = ratio["server passes"]
                     rows.append(r)
                     raw[r["case"]] = {"bytes": nbytes, "shards": shards, **m}
         finally:
-            for peer in (bare, *floors.values()):
-                if peer is not None:
-                    peer.close()
+            close_peers(bare, floors)
             if own:
                 hosts.close()
     return {

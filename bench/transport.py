@@ -111,9 +111,7 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
                 if peers:
                     floor_rows.append(floor_row(nbytes, m))
         finally:
-            for peer in (bare, *floors.values()):
-                if peer is not None:
-                    peer.close()
+            close_peers(bare, floors)
             if own:
                 hosts.close()
     return {
@@ -143,12 +141,26 @@ def run(quick: bool = False, context: dict | None = None) -> dict:
     }
 
 
-def floor_row(nbytes: int, m: dict) -> list:
-    """[size, ours/bare, floor/bare, ours/floor, each pass alone/bare] for the detail table."""
+def floor_ratios(nbytes: int, m: dict) -> dict:
+    """Paired GB/s ratios of one `measure`: ours and each floor it ran against the echo
+    (None for a floor it did not run), and "ours / floor"."""
     bare = gbps(nbytes, m["bare"])
     ratio = {k: summary(paired_ratios(gbps(nbytes, m[k]), bare)) if k in m else None for k in ("ours", *FLOORS)}
-    ours_floor = summary(paired_ratios(gbps(nbytes, m["ours"]), gbps(nbytes, m["floor"])))
-    return [label(nbytes), ratio["ours"], ratio["floor"], ours_floor, *[ratio[k] for k in FLOORS if k != "floor"]]
+    ratio["ours / floor"] = summary(paired_ratios(gbps(nbytes, m["ours"]), gbps(nbytes, m["floor"])))
+    return ratio
+
+
+def floor_row(nbytes: int, m: dict) -> list:
+    """[size, ours/bare, floor/bare, ours/floor, each pass alone/bare] for the detail table."""
+    ratio = floor_ratios(nbytes, m)
+    return [label(nbytes), ratio["ours"], ratio["floor"], ratio["ours / floor"],
+            *[ratio[k] for k in FLOORS if k != "floor"]]
+
+
+def close_peers(bare: Bare | None, floors: dict) -> None:
+    for peer in (bare, *floors.values()):
+        if peer is not None:
+            peer.close()
 
 
 def size_row(nbytes: int, m: dict) -> dict:
