@@ -17,8 +17,11 @@ job of a run is handed out at the same moment, which is also the start barrier.
 Every run is measured the same way: t0 is the moment the last worker is
 connected (joined the coordinator / passed DDP's start barrier); samples/s is
 counted over the window where every worker is stepping (from the last worker's
-first step to the first worker's last); time to target is the first accuracy
-check at or above it, minus t0.
+first step to the first worker's last). Where there is no such window (one
+worker took all its steps before another finished its first: a few steps of a
+large model on a loaded machine), samples/s is every sample over the run, from t0
+to the last step, and the run says so (`rate_over`). Time to target is the first
+accuracy check at or above it, minus t0.
 """
 
 from __future__ import annotations
@@ -379,11 +382,17 @@ def measure(outs: list[dict], w: Workload, final_accuracy: float) -> dict:
     t0 = max(o["joined"] for o in outs)
     first, last = max(s[0] for s in stamps), min(s[-1] for s in stamps)
     inside = sum(1 for s in stamps for t in s if first < t <= last)
+    if last > first and inside:
+        rate, over = inside * w.batch_size / (last - first), "window"
+    else:  # a slower measure, with the first pulls and the tail in it, but a measure
+        end = max(s[-1] for s in stamps)
+        rate, over = sum(map(len, stamps)) * w.batch_size / (end - t0) if end > t0 else None, "whole run"
     hit = next((t for t, acc in outs[0]["evals"] if acc >= w.target), None)
     if hit is None and w.eval_every and final_accuracy >= w.target:
         hit = max(s[-1] for s in stamps)  # reached between the last check and the end
     return {
-        "samples_per_s": inside * w.batch_size / (last - first) if last > first and inside else None,
+        "samples_per_s": rate,
+        "rate_over": over,
         "time_to_target": max(0.0, hit - t0) if hit is not None else None,
         "final_accuracy": final_accuracy,
         "steps": [len(s) for s in stamps],

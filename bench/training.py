@@ -31,8 +31,8 @@ WIDE_MODES = [*MODES, "bsp+overlap"]
 def plan(quick: bool) -> list[tuple[Workload, list[int], list[str], int]]:
     """(workload, worker counts, our modes, repetitions)."""
     if quick:
-        # the 25M model's full 5 steps: with 2, an asp worker can finish before the other's
-        # first step, leaving no window in which both step (and so no samples/s)
+        # the 25M model's full 5 steps: with fewer, an asp worker often finishes before the
+        # other's first step, and the rate falls back to the whole run's (engine.measure)
         return [(with_steps(DIGITS, 150), [2], ["bsp", "asp", "asp+pipeline"], 1), (WIDE, [2], ["asp"], 1)]
     # a repetition's ratio moves with the machine's moment (within one invocation DDP x2
     # ran digits at 23-36k samples/s and the 25M model at 149-191): 5 repetitions of
@@ -126,7 +126,8 @@ def result(runs: dict, plans) -> dict:
             rs = got.get(f"{system} x{n}", [])
             detail.append([w.name, "single process" if system == "single" else ("torch DDP" if system == "ddp" else system), n,
                            summary(values(rs, "samples_per_s")), summary(values(rs, "time_to_target")) if w.eval_every else None,
-                           summary(values(rs, "final_accuracy")), sum(1 for r in rs if "error" in r)])
+                           summary(values(rs, "final_accuracy")), sum(1 for r in rs if "error" in r),
+                           sum(1 for r in rs if r.get("rate_over") == "whole run")])
             if system in ("single", "ddp"):
                 continue
             paired = beside(w, system, n)
@@ -151,7 +152,9 @@ def result(runs: dict, plans) -> dict:
                    "with the workers' --overlap (each shard's push sent during backward). " if len(plans) > 1 else "")
                 + "asp+pipeline is asp with the workers' --pipeline (each computes its next gradient while its "
                 "last push and the answer travel). "
-                + "samples/s counts the window in which every worker is stepping; time to target is measured "
+                + "samples/s counts the window in which every worker is stepping (or, in a run where one worker "
+                "finished before another's first step, every sample from the moment the last worker connected "
+                "to the last step; such runs are counted in the detail); time to target is measured "
                 "from the moment the last worker connected. The coordinator runs on a thread of the bench process, "
                 "shards and workers are processes; ours runs with --min-workers equal to the worker count (no worker "
                 "trains before all are in, as behind DDP's start barrier). "
@@ -160,7 +163,8 @@ def result(runs: dict, plans) -> dict:
                 "(alternately), and its ratios are against that run: the machine's speed drifts over the tens of "
                 "seconds a rotation takes. Elsewhere a repetition's DDP run is the peer.",
         "rows": rows,
-        "detail": {"columns": ["workload", "system", "workers", "samples/s", "s to 0.95", "final accuracy", "failed runs"],
+        "detail": {"columns": ["workload", "system", "workers", "samples/s", "s to 0.95", "final accuracy", "failed runs",
+                               "rate over the whole run"],
                    "rows": detail},
         "raw": runs,
     }

@@ -82,3 +82,21 @@ def test_the_floor_peer_makes_its_passes_over_the_bytes():
         finally:
             for f in made:
                 f.close()
+
+
+def test_a_run_without_a_window_where_every_worker_steps_still_gets_its_rate():
+    """An asp worker can take all its steps before the other's first (a few steps of the
+    25M model on a loaded machine); the rate is then the whole run's, and says so."""
+    from bench.engine import measure
+    from bench.training import WIDE
+
+    overlapping = [{"joined": 0.0, "stamps": [1.0, 2.0, 3.0], "evals": []},
+                   {"joined": 0.0, "stamps": [1.5, 2.5, 3.5], "evals": []}]
+    got = measure(overlapping, WIDE, 0.5)
+    assert got["rate_over"] == "window"  # from 1.5 to 3.0: the steps at 2.0, 2.5 and 3.0
+    assert got["samples_per_s"] == pytest.approx(3 * WIDE.batch_size / 1.5)
+    apart = [{"joined": 0.0, "stamps": [1.0, 2.0, 3.0], "evals": []},
+             {"joined": 0.0, "stamps": [3.5, 4.0], "evals": []}]
+    got = measure(apart, WIDE, 0.5)
+    assert got["rate_over"] == "whole run"  # five steps in the 4 s from t0 to the last
+    assert got["samples_per_s"] == pytest.approx(5 * WIDE.batch_size / 4.0)
