@@ -85,8 +85,8 @@ class Coordinator:
                     self.serve_once(100)
                     if watch is not None:
                         watch(self)
-                except KeyboardInterrupt:
-                    self._interrupted()
+                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cluster._sigterm_finishes)
+                    self._interrupted(str(e) or "Ctrl-C")
         finally:
             self.close()
 
@@ -95,13 +95,14 @@ class Coordinator:
         self._pump(timeout_ms)
         self.tick(time.monotonic())
 
-    def _interrupted(self) -> None:
-        """First Ctrl-C: finish the run as --max-steps would. Second: stop now."""
+    def _interrupted(self, by: str) -> None:
+        """First Ctrl-C or SIGTERM: finish the run as --max-steps would. Second: stop now."""
         if self.state == "run":
-            log.warning("interrupted: telling workers to finish (Ctrl-C again to stop at once)")
+            log.warning("interrupted (%s): telling workers to finish (Ctrl-C or SIGTERM again to stop at once)", by)
+            self.events.emit("finish", updates=self.updates(), reason=by)
             self.finish(time.monotonic())
         else:
-            log.warning("interrupted again: stopping now")
+            log.warning("interrupted again (%s): stopping now", by)
             self._stop_shards()
 
     def _pump(self, timeout_ms: int) -> None:
@@ -332,6 +333,7 @@ class Coordinator:
     def on_stop(self, h: protocol.Stop):
         log.info("stop requested")
         if self.state == "run":
+            self.events.emit("finish", updates=self.updates(), reason="stop")
             self.finish(time.monotonic())
         return protocol.Ack(v=VERSION, seq=h.seq)
 

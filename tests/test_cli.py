@@ -9,6 +9,8 @@ import time
 import psutil
 import pytest
 
+from paramserver import checkpoint
+
 from .conftest import cli as run
 from .conftest import free_port_block
 
@@ -114,19 +116,27 @@ def test_environment_variables_set_options(procs):
     assert out.returncode != 0 and "unknown consistency 'nope'" in out.stderr
 
 
-def test_ctrl_c_stops_every_server_process(procs):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_or_sigterm_ends_the_run_with_its_final_checkpoint_and_every_process(procs, tmp_path, sig):
+    """As a terminal's Ctrl-C or a service manager's stop: the worker is told to finish, every
+    update acknowledged before the signal is in the final checkpoint, and nothing is left running."""
     port = free_port_block(3)
+    address, ckpts = f"tcp://127.0.0.1:{port}", str(tmp_path / "ckpt")
     # as a terminal's foreground job gets it: a suite started in the background (`make test &`)
     # passes SIGINT down ignored, and Python keeps an ignored SIGINT ignored
-    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2",
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if run("ps-server", "status", "--server", f"tcp://127.0.0.1:{port}", "--timeout", "1").returncode == 0:
-            break
+    server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--checkpoint-dir", ckpts,
+                         "--checkpoint-every", "3600", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    worker = procs.start("ps-worker", "join", "--server", address, "--delay", "0.01")
+    deadline, before = time.monotonic() + 60, 0
+    while time.monotonic() < deadline and before < 50:
+        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "1")
+        if out.returncode == 0:
+            before = json.loads(out.stdout)["updates"]
+        time.sleep(0.1)
+    assert before >= 50, "the worker never got going"
     children = psutil.Process(server.pid).children(recursive=True)
     assert len([c for c in children if "resource_tracker" not in " ".join(c.cmdline())]) == 2
-    server.send_signal(signal.SIGINT)  # as Ctrl-C
+    server.send_signal(sig)
     try:
         code = server.wait(timeout=30)
     except subprocess.TimeoutExpired:  # say where it stuck: the log, and which processes still ran
@@ -137,11 +147,16 @@ def test_ctrl_c_stops_every_server_process(procs):
             except psutil.NoSuchProcess:
                 pass
         server.kill()
-        pytest.fail(f"still running 30 s after Ctrl-C: {states}; its log:\n{server.communicate()[1][-4000:]}")
-    assert code == 0
+        pytest.fail(f"still running 30 s after {sig.name}: {states}; its log:\n{server.communicate()[1][-4000:]}")
+    err = server.communicate()[1]
+    assert code == 0, err[-3000:]
+    assert "telling workers to finish" in err and "Traceback" not in err, err[-3000:]
     gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left running: {[p.pid for p in alive]}"
-    assert "Traceback" not in server.communicate()[1]
+    assert worker.wait(timeout=30) == 0, worker.communicate()[1][-2000:]
+    assert "(finished)" in worker.communicate()[1]
+    final = checkpoint.latest(ckpts)  # the only one: the periodic ones are an hour apart
+    assert final.manifest["updates"] >= before
 
 
 @pytest.mark.parametrize("taken", [0, 1], ids=["coordinator port", "shard port"])
