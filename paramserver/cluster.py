@@ -7,7 +7,6 @@ deadline. A shard exits by itself when its launcher disappears.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import logging
@@ -16,14 +15,13 @@ import os
 import queue as queue_mod
 import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 import zmq
 
-from . import checkpoint, protocol, sharding, tasks, transport
+from . import checkpoint, interrupts, protocol, sharding, tasks, transport
 from . import log as logsetup
 from .config import CheckpointConfig, RunConfig, Timeouts
 from .coordinator import Coordinator
@@ -265,7 +263,10 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
             if on_tick is not None:
                 on_tick(c)
 
-        with _sigterm_finishes():
+        # SIGTERM as Ctrl-C: the run finishes, final checkpoint included, so a service
+        # manager's stop (systemd, `docker stop`, `kill`) loses nothing acknowledged since
+        # the last periodic checkpoint; a second one stops at once (Coordinator._interrupted)
+        with interrupts.handled(interrupts.interrupt, (signal.SIGTERM,)):
             coordinator.serve(watch=watch)
         if supervisor.failed:
             raise PSError(supervisor.failed)
@@ -273,27 +274,6 @@ def serve(spec: ServerSpec, on_ready=None, on_tick=None) -> dict:
     finally:
         stop_processes(procs, spec.timeouts.shutdown_grace)
         _end(ctx, spec)
-
-
-@contextlib.contextmanager
-def _sigterm_finishes():
-    """While the coordinator serves, SIGTERM ends the run as Ctrl-C does: workers are told
-    to finish and the final checkpoint is written, so a service manager's stop (systemd,
-    `docker stop`, `kill`) loses nothing acknowledged since the last periodic checkpoint.
-    A second one stops at once, as a second Ctrl-C does. Only the main thread can take
-    signals (the benchmarks serve from a thread), and outside serving SIGTERM is as before."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def finish(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
-
-    previous = signal.signal(signal.SIGTERM, finish)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_port(spec: ServerSpec) -> None:

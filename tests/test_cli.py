@@ -159,6 +159,40 @@ def test_ctrl_c_or_sigterm_ends_the_run_with_its_final_checkpoint_and_every_proc
     assert final.manifest["updates"] >= before
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_or_sigterm_on_a_worker_makes_it_leave_at_once_and_the_run_goes_on(procs, sig):
+    """The worker finishes its step and says goodbye: a bsp round does not wait out its
+    heartbeats (an hour here), and the other worker trains on."""
+    port = free_port_block(3)
+    address = f"tcp://127.0.0.1:{port}"
+    procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--consistency", "bsp",
+                "--heartbeat-timeout", "3600")
+    workers = [procs.start("ps-worker", "join", "--server", address, "--delay", "0.01",
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
+
+    def status() -> dict:
+        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "2")
+        return json.loads(out.stdout) if out.returncode == 0 else {"workers": [], "updates": 0}
+
+    deadline, info = time.monotonic() + 60, status()
+    while time.monotonic() < deadline and (len(info["workers"]) < 2 or info["updates"] < 20):
+        time.sleep(0.1)
+        info = status()
+    assert len(info["workers"]) == 2 and info["updates"] >= 20, info
+    workers[0].send_signal(sig)
+    assert workers[0].wait(timeout=30) == 0, workers[0].communicate()[1][-3000:]
+    err = workers[0].communicate()[1]
+    assert "(interrupted)" in err and "Traceback" not in err, err[-3000:]
+    info = status()
+    assert len(info["workers"]) == 1, info  # left, not waiting to be dropped
+    before, deadline = info["updates"], time.monotonic() + 30
+    while time.monotonic() < deadline and info["updates"] < before + 20:
+        time.sleep(0.1)
+        info = status()
+    assert info["updates"] >= before + 20, "bsp rounds stopped after the other worker left"
+    assert workers[1].poll() is None
+
+
 @pytest.mark.parametrize("taken", [0, 1], ids=["coordinator port", "shard port"])
 def test_server_whose_port_is_taken_exits_with_the_error_and_leaves_nothing(procs, taken):
     port = free_port_block(3)

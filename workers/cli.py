@@ -60,5 +60,5 @@ def join(server, worker_id, max_steps, threads, codec, pull_codec, event_log, de
         def show(t):
             bar.update(t.steps, id=t.session.worker_id, clock=t.clock, loss=f"{t.loss:.4f}")
 
-        result = run_worker(cfg, on_step=show if bar.enabled else None)
+        result = run_worker(cfg, on_step=show if bar.enabled else None, handle_signals=True)
     click.echo(f"worker {result.worker_id} done: {result.steps} steps, last loss {result.loss:.4f} ({result.reason})", err=True)

@@ -53,5 +53,5 @@ class WorkerResult:
     loss: float
     bytes_sent: int
     bytes_received: int
-    reason: str  # why the loop ended: steps | clock | finished
+    reason: str  # why the loop ended: steps | clock | finished | interrupted
     train_seconds: float = 0.0  # in the training loop: from the first pull to the last step

@@ -6,14 +6,16 @@ codec) comes from the coordinator's join reply.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 
 import msgspec
 import torch
 import zmq
 
-from paramserver import tasks, transport
+from paramserver import interrupts, tasks, transport
 from paramserver.config import RunConfig, check_pipeline
 from paramserver.errors import (
     ConfigError,
@@ -52,6 +54,21 @@ class Trainer:
         self.backoff = 0.0
         self.paced = 0.0  # the injected delay per step, once Pace has measured the full speed
         self.sent_before = self.received_before = 0  # bytes of the shard clients closed on rejoins
+        self.training = False  # in the loop: a Ctrl-C or SIGTERM from here on lets it finish
+        self.interrupted = ""  # the signal that asked the loop to end
+
+    def interrupt(self, name: str) -> None:
+        """Ctrl-C or SIGTERM (run_worker's handlers): the first ends the loop before its next
+        step and the worker leaves, as at --max-steps; a second, or one before training began
+        (nothing to finish), stops at once."""
+        if self.interrupted or not self.training:
+            raise KeyboardInterrupt(name)
+        self.interrupted = name
+        log.warning("worker %s: %s: leaving after this step (Ctrl-C or SIGTERM again to stop at once)",
+                    self.session.worker_id, name)
+        # from a thread: the handler runs between two bytecodes of the main thread, which may
+        # hold the event's lock at that moment (inside its wait), and the lock is not reentrant
+        threading.Thread(target=self.session.finish.set, name="interrupt", daemon=True).start()
 
     def run(self) -> WorkerResult:
         torch.set_num_threads(self.cfg.threads)
@@ -77,7 +94,9 @@ class Trainer:
         log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
         started = time.monotonic()
         try:
+            self.training = True
             reason = self._loop(run)
+            self.training = False
             seconds = time.monotonic() - started
             self.session.leave()
             self.events.emit("leave", worker=self.session.worker_id, steps=self.steps, clock=self.clock, reason=reason)
@@ -258,7 +277,7 @@ class Trainer:
     def _ended(self, ahead: bool = False) -> str:
         """Why the loop is to end now ('' if it is not), counting a push in flight (`ahead`)."""
         if self.session.finish.is_set():
-            return "finished"
+            return "interrupted" if self.interrupted else "finished"
         if self.cfg.max_steps and self.steps + ahead >= self.cfg.max_steps:
             return "steps"
         if self.cfg.max_clock and self.clock + ahead >= self.cfg.max_clock:
@@ -367,15 +386,20 @@ def route(address: str, routes: tuple[tuple[str, str], ...]) -> str:
     return dict(routes).get(address, address)
 
 
-def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None, on_step=None) -> WorkerResult:
+def run_worker(cfg: WorkerConfig, ctx: zmq.Context | None = None, on_step=None,
+               handle_signals: bool = False) -> WorkerResult:
     """Join the server at cfg.server and train until the run ends, cfg.max_steps or
-    cfg.max_clock. `on_step(trainer)`, if given, is called after every step."""
+    cfg.max_clock. `on_step(trainer)`, if given, is called after every step. With
+    `handle_signals` (a process of its own, as `ps-worker join`), the first Ctrl-C or
+    SIGTERM while training ends the loop after its step and leaves (Trainer.interrupt)."""
     own = ctx is None
     if own:  # a process of its own, most likely: before zmq's I/O thread allocates
         transport.tune_allocator()
     ctx = ctx or zmq.Context()
     try:
-        return Trainer(cfg, ctx, on_step).run()
+        trainer = Trainer(cfg, ctx, on_step)
+        with interrupts.handled(trainer.interrupt) if handle_signals else contextlib.nullcontext():
+            return trainer.run()
     finally:
         if own:
             ctx.term()
