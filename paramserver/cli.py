@@ -225,7 +225,9 @@ def sim():
      help="WORKER@STEP,...: start a killed worker again, with its old id, when the run reaches STEP "
           "(the largest live clock)")
 @opt("--churn", "SIM_CHURN", default="",
-     help="leave:RATE,join:RATE: live workers crash at random, RATE per second each; crashed ones come back at RATE")
+     help="leave:RATE,join:RATE[,graceful:SHARE]: live workers leave at random, RATE per second each, and come back "
+          "at RATE; a departure is a crash (SIGKILL), or with SHARE (0 to 1) of them a graceful leave (SIGTERM: the "
+          "worker ends its step and says goodbye)")
 @opt("--timeout", "SIM_TIMEOUT", default=900.0, type=float, help="deadline for the whole run")
 @opt("--link", "SIM_LINK", multiple=True, callback=_check_links,
      help="emulate a bad network: " + LINK_HELP + ". delay, jitter, rate: a proxy per worker; "

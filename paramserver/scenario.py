@@ -7,8 +7,12 @@
   step is exact however fast steps are); `--rejoin 2@200`: it comes back, with
   its old id, once the run reaches step 200 (the largest clock among the live
   workers; in bsp the round).
-- `--churn leave:R,join:R`: every live worker crashes at random at rate R per
-  second of training, and every crashed one comes back at rate R per second.
+- `--churn leave:R,join:R`: every live worker leaves at random at rate R per
+  second of training, and every one that left comes back at rate R per second.
+  A departure is a crash (SIGKILL), or with `graceful:F` a graceful leave with
+  probability F: SIGTERM, upon which the worker ends its step, says goodbye and
+  exits (a device its user switches off), SIGKILL if it has not within
+  `LEAVE_GRACE` seconds.
 
 `Director` decides (pure: clock, randomness and observations are handed in);
 `Fleet` owns the worker processes and carries the decisions out.
@@ -27,7 +31,8 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-KILL, START = "kill", "start"
+KILL, LEAVE, START = "kill", "leave", "start"
+LEAVE_GRACE = 10.0  # seconds a worker asked to leave has to exit before it is killed
 
 
 def parse_speeds(text: str, workers: int) -> tuple[float, ...]:
@@ -67,8 +72,9 @@ def parse_schedule(text: str, option: str, workers: int, first: int = 0) -> tupl
 
 @dataclass(frozen=True)
 class Churn:
-    leave: float = 0.0  # per live worker, crashes per second
-    join: float = 0.0  # per crashed worker, returns per second
+    leave: float = 0.0  # per live worker, departures per second
+    join: float = 0.0  # per departed worker, returns per second
+    graceful: float = 0.0  # the share of departures that are graceful leaves, not crashes
 
     @classmethod
     def parse(cls, text: str) -> Churn:
@@ -81,9 +87,10 @@ class Churn:
                 rate = float(value)
             except ValueError:
                 rate = -1.0
-            if name not in ("leave", "join") or name in rates or not (math.isfinite(rate) and rate >= 0):
-                raise ConfigError(f"--churn takes leave:RATE,join:RATE (per second, >= 0), e.g. "
-                                  f"leave:0.1,join:0.1; got {item!r}")
+            if (name not in ("leave", "join", "graceful") or name in rates or not (math.isfinite(rate) and rate >= 0)
+                    or (name == "graceful" and rate > 1)):
+                raise ConfigError(f"--churn takes leave:RATE,join:RATE (per second, >= 0) and graceful:SHARE "
+                                  f"(0 to 1), e.g. leave:0.1,join:0.1,graceful:0.5; got {item!r}")
             rates[name] = rate
         return cls(**rates)
 
@@ -151,7 +158,7 @@ class Director:
                 events.pop(0)
         actions += self._churn(dt, clocks, alive, {w for _, w in actions})
         for kind, w in actions:
-            if kind == KILL:
+            if kind in (KILL, LEAVE):
                 self.down.add(w)
             else:
                 self.down.discard(w)
@@ -165,7 +172,9 @@ class Director:
         p_leave, p_join = 1 - math.exp(-churn.leave * dt), 1 - math.exp(-churn.join * dt)
         for w in sorted(set(clocks) - self.down - self.done - taken):
             if self.rng.random() < p_leave:
-                out.append((KILL, w))
+                # drawn only with graceful leaves on: a seed's crashes stay what they were
+                graceful = churn.graceful > 0 and self.rng.random() < churn.graceful
+                out.append((LEAVE if graceful else KILL, w))
                 self.churned.add(w)
         for w in sorted(self.churned - taken):
             # with nobody left to move the run on, a worker that is coming back comes now
@@ -227,6 +236,22 @@ class Fleet:
             log.info("killed worker %d (pid %d) at clock %s", worker, p.pid, clock)
         self.events.append({"t": t, "worker": worker, "event": "killed", "clock": clock})
 
+    def leave(self, worker: int, t: float, clock: int | None, grace: float = LEAVE_GRACE) -> None:
+        """SIGTERM: the worker ends its step, leaves and exits 0; SIGKILL after `grace`."""
+        p = self.procs[worker][-1]
+        event = "left"
+        if p.is_alive():
+            # ended on purpose, however it ends: one caught before it had joined dies of the signal
+            self.killed.add(p.pid)
+            os.kill(p.pid, signal.SIGTERM)
+            p.join(grace)
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGKILL)
+                p.join(5)
+            event = "left" if p.exitcode == 0 else "killed"
+            log.info("worker %d (pid %d) %s at clock %s", worker, p.pid, event, clock)
+        self.events.append({"t": t, "worker": worker, "event": event, "clock": clock})
+
     def alive(self) -> set[int]:
         return {w for w, runs in self.procs.items() if runs[-1].is_alive()}
 
@@ -252,5 +277,7 @@ class Fleet:
         for kind, w in actions:
             if kind == KILL:
                 self.kill(w, t, clocks.get(w))
+            elif kind == LEAVE:
+                self.leave(w, t, clocks.get(w))
             else:  # noted with the run's step: the largest live clock
                 self.start(w, t, self.director.run_step)

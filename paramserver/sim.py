@@ -65,7 +65,8 @@ def worker_main(cfg, results, log_level="warning", kill_at: int = 0, reached=Non
 
     logsetup.setup(log_level)
     try:
-        results.put(dataclasses.asdict(run_worker(cfg, on_step=crash if kill_at else None)))
+        # SIGTERM (a graceful leave of --churn) and Ctrl-C: end the step and leave
+        results.put(dataclasses.asdict(run_worker(cfg, on_step=crash if kill_at else None, handle_signals=True)))
     except PSError as e:
         results.put({"error": str(e), "worker_id": cfg.worker_id})
         raise

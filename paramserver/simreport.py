@@ -196,10 +196,10 @@ def _progress(plt, report: dict, rows: list[dict]):
     for w, rs in _by_worker(rows).items():
         ax.plot([r["t"] for r in rs], [r["clock"] for r in rs], ".", markersize=2, label=f"worker {w}")
     for e in report.get("worker_events", []):
-        ax.axvline(e["t"], color="red" if e["event"] == "killed" else "green", linewidth=0.8, alpha=0.6)
+        ax.axvline(e["t"], color={"killed": "red", "left": "orange"}.get(e["event"], "green"), linewidth=0.8, alpha=0.6)
     ax.set_xlabel("seconds of training")
     ax.set_ylabel("clock (pushes)")
-    ax.set_title("worker progress" + (" (red: killed, green: restarted)" if report.get("worker_events") else ""))
+    ax.set_title("worker progress" + (" (red: killed, orange: left, green: restarted)" if report.get("worker_events") else ""))
     ax.legend(markerscale=5, fontsize="small")
     return fig
 

@@ -176,6 +176,24 @@ def test_bsp_trains_through_churn(tmp_path):
     assert_plots(tmp_path)
 
 
+@pytest.mark.slow  # a 3-worker bsp simulation whose departures are all graceful: about 30 s
+def test_bsp_churn_with_graceful_leaves_never_waits_out_a_heartbeat_timeout(tmp_path):
+    """Each departure is SIGTERM: the worker ends its step and says goodbye, so no bsp round
+    waits for it (a crash would hold the round for the minute of --heartbeat-timeout)."""
+    _, report = run_sim(tmp_path, "--workers", "3", "--shards", "2", "--steps", "200", "--consistency", "bsp",
+                        "--churn", "leave:1,join:2,graceful:1", "--seed", "3", "--delays", "0.02,0.02,0.02",
+                        "--heartbeat-timeout", "60")
+    kinds = [e["event"] for e in report["worker_events"]]
+    assert "left" in kinds and "restarted" in kinds and "killed" not in kinds, report["worker_events"]
+    assert report["train_seconds"] < 60
+    left = [r for r in report["worker_results"] if r["reason"] == "interrupted"]
+    # each that left said why (one asked to leave as it took its last step ends by its budget)
+    assert 1 <= len(left) <= kinds.count("left"), report["worker_results"]
+    assert report["scenario"]["churn"] == {"leave": 1.0, "join": 2.0, "graceful": 1.0}
+    assert report["final_accuracy"] >= 0.9
+    assert_plots(tmp_path)
+
+
 @pytest.mark.slow  # a FedAvg simulation: about 30 s
 def test_fedavg_reaches_090_with_a_fifth_of_the_pushes(tmp_path):
     _, report = run_sim(tmp_path, "--workers", "4", "--shards", "2", "--steps", "60", "--consistency", "bsp",

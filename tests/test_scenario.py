@@ -24,6 +24,7 @@ from paramserver.membership import Members
 from paramserver.protocol import VERSION, Heartbeat
 from paramserver.scenario import (
     KILL,
+    LEAVE,
     START,
     Churn,
     Director,
@@ -98,6 +99,8 @@ def test_a_kill_is_at_step_1_or_later():
     ("join:1", Churn(0.0, 1.0), True),
     ("leave:0,join:0", Churn(), False),
     ("", Churn(), False),
+    ("leave:0.1,join:0.2,graceful:0.5", Churn(0.1, 0.2, 0.5), True),
+    ("graceful:1", Churn(graceful=1.0), False),  # a share of no departures
 ])
 def test_churn_parse(text, churn, active):
     parsed = Churn.parse(text)
@@ -105,7 +108,7 @@ def test_churn_parse(text, churn, active):
 
 
 @pytest.mark.parametrize("text", ["leave", "leave:", "leave:-1", "leave:x", "leave:inf", "join:nan", "stay:1",
-                                  "leave:1,leave:2", "leave=1"])
+                                  "leave:1,leave:2", "leave=1", "graceful:1.5", "graceful:-0.1", "graceful:x"])
 def test_churn_parse_refuses_a_bad_item(text):
     with pytest.raises(ConfigError, match="--churn"):
         Churn.parse(text)
@@ -230,6 +233,14 @@ def test_churn_brings_a_crashed_worker_back_with_probability_1_minus_exp_of_rate
     assert d.churned == (set() if side < 0 else {0})
 
 
+@pytest.mark.parametrize(("draw", "kind"), [(0.29, LEAVE), (0.31, KILL)])
+def test_with_graceful_a_second_draw_makes_a_departure_a_leave_with_that_probability(draw, kind):
+    d = director(churn=Churn(leave=1.0, join=1.0, graceful=0.3), workers=1, rng=Draws(0.0, draw, 0.0))
+    assert d.decide(0.5, {0: 3}, {0}) == [(kind, 0)]
+    assert d.down == {0} and d.churned == {0} and d.waiting
+    assert d.decide(0.5, {}, set()) == [(START, 0)]  # back as a crashed worker comes back
+
+
 def test_churn_brings_a_crashed_worker_back_at_once_when_nobody_is_alive():
     d = director(churn=Churn(leave=1.0, join=0.01), workers=1, rng=Draws(0.0, 0.999))
     assert d.decide(0.5, {0: 5}, {0}) == [(KILL, 0)]
@@ -290,6 +301,7 @@ def test_a_worker_churn_took_before_its_scheduled_kill_is_not_due_back_with_join
 class FakeProcess:
     def __init__(self, pid: int, name: str):
         self.pid, self.name, self.exitcode = pid, name, None
+        self.on_sigterm: int | None = 0  # its exit code on SIGTERM (0: left); None: it goes on
         self.reached = types.SimpleNamespace(value=0)  # the clock it kills itself at, once it has
 
     def kill_itself(self, clock: int) -> None:
@@ -324,7 +336,8 @@ def spawner(monkeypatch):
 
     def kill(pid, sig):
         s.signals.append((pid, sig))
-        s.by_pid[pid].exitcode = -sig
+        p = s.by_pid[pid]
+        p.exitcode = p.on_sigterm if sig == signal.SIGTERM else -sig
 
     monkeypatch.setattr(scenario.os, "kill", kill)
     return s
@@ -394,6 +407,23 @@ def test_fleet_kills_a_churned_worker_with_sigkill_and_starts_it_again(spawner):
     assert fleet.failed() == []  # killed on purpose: not a failure
     assert fleet.events == [{"t": 1.0, "worker": 0, "event": "killed", "clock": 4},
                             {"t": 2.0, "worker": 0, "event": "restarted", "clock": 9}]
+
+
+@pytest.mark.parametrize(("on_sigterm", "signals", "event"), [
+    (0, [signal.SIGTERM], "left"),  # ended its step, said goodbye, exited
+    (-signal.SIGTERM, [signal.SIGTERM], "killed"),  # caught before it had joined: the signal ended it
+    (None, [signal.SIGTERM, signal.SIGKILL], "killed"),  # did not exit within the grace
+])
+def test_fleet_asks_a_worker_to_leave_with_sigterm_and_kills_it_if_it_does_not(spawner, on_sigterm, signals, event):
+    fleet = Fleet(spawner, director(churn=Churn(leave=1.0, graceful=1.0), workers=2, rng=Draws(0.0, 0.0, 0.99)))
+    fleet.start(0, t=0.0)
+    fleet.start(1, t=0.0)
+    newest(fleet, 0).on_sigterm = on_sigterm
+    fleet.step(0.5, 1.0, {0: 4, 1: 7})  # draws: worker 0 leaves, gracefully; worker 1 stays
+    assert spawner.signals == [(newest(fleet, 0).pid, s) for s in signals]
+    assert fleet.alive() == {1} and fleet.director.down == {0}
+    assert fleet.events == [{"t": 1.0, "worker": 0, "event": event, "clock": 4}]
+    assert fleet.failed() == []  # ended on purpose, however it ended
 
 
 def test_fleet_kill_of_a_process_already_gone_sends_nothing(spawner):

@@ -54,14 +54,15 @@ class Trainer:
         self.backoff = 0.0
         self.paced = 0.0  # the injected delay per step, once Pace has measured the full speed
         self.sent_before = self.received_before = 0  # bytes of the shard clients closed on rejoins
-        self.training = False  # in the loop: a Ctrl-C or SIGTERM from here on lets it finish
+        self.member = False  # joined and not yet leaving: a Ctrl-C or SIGTERM lets the loop finish
         self.interrupted = ""  # the signal that asked the loop to end
 
     def interrupt(self, name: str) -> None:
-        """Ctrl-C or SIGTERM (run_worker's handlers): the first ends the loop before its next
-        step and the worker leaves, as at --max-steps; a second, or one before training began
-        (nothing to finish), stops at once."""
-        if self.interrupted or not self.training:
+        """Ctrl-C or SIGTERM (run_worker's handlers): the first, once joined, ends the loop
+        before its next step (at once, if it comes while the task is set up) and the worker
+        leaves, as at --max-steps; a second, or one before joining (nothing to leave), stops
+        at once."""
+        if self.interrupted or not self.member:
             raise KeyboardInterrupt(name)
         self.interrupted = name
         log.warning("worker %s: %s: leaving after this step (Ctrl-C or SIGTERM again to stop at once)",
@@ -82,10 +83,12 @@ class Trainer:
                          server=self.cfg.server)
         # beat from the moment we are a member: building the task can take seconds
         self.session.start_heartbeats()
+        self.member = True
         run = RunConfig.from_wire(joined.config)
         try:
             self._setup(run, joined)
         except BaseException:
+            self.member = False
             self.session.close()
             self.session.leave()  # refused here, not dropped: the server need not wait out our heartbeats
             if hasattr(self, "client"):  # its open sockets would block the context's term
@@ -94,9 +97,8 @@ class Trainer:
         log.info("worker %d training %s (%s), partition %d", joined.worker_id, run.task, run.consistency, joined.partition)
         started = time.monotonic()
         try:
-            self.training = True
             reason = self._loop(run)
-            self.training = False
+            self.member = False
             seconds = time.monotonic() - started
             self.session.leave()
             self.events.emit("leave", worker=self.session.worker_id, steps=self.steps, clock=self.clock, reason=reason)
