@@ -85,7 +85,7 @@ class Coordinator:
                     self.serve_once(100)
                     if watch is not None:
                         watch(self)
-                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (cluster._sigterm_finishes)
+                except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (interrupts.handled in cluster.serve)
                     self._interrupted(str(e) or "Ctrl-C")
         finally:
             self.close()
