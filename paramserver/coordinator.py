@@ -99,8 +99,7 @@ class Coordinator:
         """First Ctrl-C or SIGTERM: finish the run as --max-steps would. Second: stop now."""
         if self.state == "run":
             log.warning("interrupted (%s): telling workers to finish (Ctrl-C or SIGTERM again to stop at once)", by)
-            self.events.emit("finish", updates=self.updates(), reason=by)
-            self.finish(time.monotonic())
+            self.finish(time.monotonic(), by)
         else:
             log.warning("interrupted again (%s): stopping now", by)
             self._stop_shards()
@@ -157,13 +156,11 @@ class Coordinator:
             self.idle_since = now
         if self.state == "run" and self._run_over():
             log.info("run complete after %d updates; telling workers to finish", self.updates())
-            self.events.emit("finish", updates=self.updates(), reason="max steps")
-            self.finish(now)
+            self.finish(now, "max steps")
         idle = self.timeouts.exit_when_idle
         if self.state == "run" and idle and now - self.idle_since > idle:
             log.info("no worker for %.0fs (--exit-when-idle); ending the run", idle)
-            self.events.emit("finish", updates=self.updates(), reason="idle")
-            self.finish(now)
+            self.finish(now, "idle")
         if self.state == "finish" and (not self.members.live or now > self.finish_deadline):
             self.final_checkpoint()
             self._stop_shards()
@@ -176,7 +173,9 @@ class Coordinator:
             rate = (h.version - last[1]) / (now - last[0])
             self._round_rate = 0.7 * self._round_rate + 0.3 * rate
 
-    def finish(self, now: float) -> None:
+    def finish(self, now: float, reason: str) -> None:
+        """Workers are told to finish from here on; the shards stop once they have left."""
+        self.events.emit("finish", updates=self.updates(), reason=reason)
         self.state, self.finish_deadline = "finish", now + self.timeouts.shutdown_grace
 
     # -- checkpoints ------------------------------------------------------------------
@@ -333,8 +332,7 @@ class Coordinator:
     def on_stop(self, h: protocol.Stop):
         log.info("stop requested")
         if self.state == "run":
-            self.events.emit("finish", updates=self.updates(), reason="stop")
-            self.finish(time.monotonic())
+            self.finish(time.monotonic(), "stop")
         return protocol.Ack(v=VERSION, seq=h.seq)
 
     def traffic(self) -> dict[int, dict]:

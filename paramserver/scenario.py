@@ -227,24 +227,17 @@ class Fleet:
                 out.add(w)
         return out
 
-    def kill(self, worker: int, t: float, clock: int | None) -> None:
+    def kill(self, worker: int, t: float, clock: int | None, graceful: bool = False) -> None:
+        """SIGKILL, a crash; `graceful`: SIGTERM first, upon which the worker ends its step,
+        leaves and exits 0, and SIGKILL only if it has not within LEAVE_GRACE seconds."""
         p = self.procs[worker][-1]
+        event = "left" if graceful else "killed"
         if p.is_alive():
+            # ended on purpose, however it ends: one asked to leave before it had joined dies of the signal
             self.killed.add(p.pid)
-            os.kill(p.pid, signal.SIGKILL)
-            p.join(5)
-            log.info("killed worker %d (pid %d) at clock %s", worker, p.pid, clock)
-        self.events.append({"t": t, "worker": worker, "event": "killed", "clock": clock})
-
-    def leave(self, worker: int, t: float, clock: int | None, grace: float = LEAVE_GRACE) -> None:
-        """SIGTERM: the worker ends its step, leaves and exits 0; SIGKILL after `grace`."""
-        p = self.procs[worker][-1]
-        event = "left"
-        if p.is_alive():
-            # ended on purpose, however it ends: one caught before it had joined dies of the signal
-            self.killed.add(p.pid)
-            os.kill(p.pid, signal.SIGTERM)
-            p.join(grace)
+            if graceful:
+                os.kill(p.pid, signal.SIGTERM)
+                p.join(LEAVE_GRACE)
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
                 p.join(5)
@@ -275,9 +268,7 @@ class Fleet:
         killed = self.self_killed(t)
         actions = self.director.decide(dt, clocks, self.alive(), killed)
         for kind, w in actions:
-            if kind == KILL:
-                self.kill(w, t, clocks.get(w))
-            elif kind == LEAVE:
-                self.leave(w, t, clocks.get(w))
+            if kind in (KILL, LEAVE):
+                self.kill(w, t, clocks.get(w), graceful=kind == LEAVE)
             else:  # noted with the run's step: the largest live clock
                 self.start(w, t, self.director.run_step)

@@ -15,6 +15,27 @@ from .conftest import cli as run
 from .conftest import free_port_block
 
 
+def foreground() -> None:
+    """SIGINT at its default, as a terminal's foreground job has it: a suite started in the
+    background (`make test &`) passes it down ignored, and Python keeps an ignored SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def status(address: str) -> dict:
+    """`ps-server status --json`; a run with no workers and no updates when nothing answered."""
+    out = run("ps-server", "status", "--server", address, "--json", "--timeout", "2")
+    return json.loads(out.stdout) if out.returncode == 0 else {"workers": [], "updates": 0}
+
+
+def wait_status(address: str, until, timeout: float) -> dict:
+    """The status once `until(status)` holds, or the last one seen after `timeout` seconds."""
+    deadline, info = time.monotonic() + timeout, status(address)
+    while not until(info) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        info = status(address)
+    return info
+
+
 def test_server_and_workers_end_by_themselves_after_max_steps(procs):
     port = free_port_block(3)
     server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--max-steps", "600",
@@ -22,14 +43,8 @@ def test_server_and_workers_end_by_themselves_after_max_steps(procs):
     address = f"tcp://127.0.0.1:{port}"
     # slowed a little so that the run outlasts a few status calls
     workers = [procs.start("ps-worker", "join", "--server", address, "--delay", "0.01") for _ in range(2)]
-    deadline = time.monotonic() + 60
-    info = None
-    while time.monotonic() < deadline and info is None:
-        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "2")
-        if out.returncode == 0 and len(json.loads(out.stdout)["workers"]) == 2:
-            info = json.loads(out.stdout)
-        time.sleep(0.2)
-    assert info is not None, "status never listed both workers"
+    info = wait_status(address, lambda i: len(i["workers"]) == 2, 60)
+    assert len(info["workers"]) == 2, "status never listed both workers"
     assert info["config"]["consistency"] == "ssp:2"
     for p in [*workers, server]:
         assert p.wait(timeout=90) == 0, p.communicate()[1][-2000:]
@@ -122,17 +137,10 @@ def test_ctrl_c_or_sigterm_ends_the_run_with_its_final_checkpoint_and_every_proc
     update acknowledged before the signal is in the final checkpoint, and nothing is left running."""
     port = free_port_block(3)
     address, ckpts = f"tcp://127.0.0.1:{port}", str(tmp_path / "ckpt")
-    # as a terminal's foreground job gets it: a suite started in the background (`make test &`)
-    # passes SIGINT down ignored, and Python keeps an ignored SIGINT ignored
     server = procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--checkpoint-dir", ckpts,
-                         "--checkpoint-every", "3600", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         "--checkpoint-every", "3600", preexec_fn=foreground)
     worker = procs.start("ps-worker", "join", "--server", address, "--delay", "0.01")
-    deadline, before = time.monotonic() + 60, 0
-    while time.monotonic() < deadline and before < 50:
-        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "1")
-        if out.returncode == 0:
-            before = json.loads(out.stdout)["updates"]
-        time.sleep(0.1)
+    before = wait_status(address, lambda i: i["updates"] >= 50, 60)["updates"]
     assert before >= 50, "the worker never got going"
     children = psutil.Process(server.pid).children(recursive=True)
     assert len([c for c in children if "resource_tracker" not in " ".join(c.cmdline())]) == 2
@@ -167,28 +175,18 @@ def test_ctrl_c_or_sigterm_on_a_worker_makes_it_leave_at_once_and_the_run_goes_o
     address = f"tcp://127.0.0.1:{port}"
     procs.start("ps-server", "start", "--port", str(port), "--shards", "2", "--consistency", "bsp",
                 "--heartbeat-timeout", "3600")
-    workers = [procs.start("ps-worker", "join", "--server", address, "--delay", "0.01",
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) for _ in range(2)]
-
-    def status() -> dict:
-        out = run("ps-server", "status", "--server", address, "--json", "--timeout", "2")
-        return json.loads(out.stdout) if out.returncode == 0 else {"workers": [], "updates": 0}
-
-    deadline, info = time.monotonic() + 60, status()
-    while time.monotonic() < deadline and (len(info["workers"]) < 2 or info["updates"] < 20):
-        time.sleep(0.1)
-        info = status()
+    workers = [procs.start("ps-worker", "join", "--server", address, "--delay", "0.01", preexec_fn=foreground)
+               for _ in range(2)]
+    info = wait_status(address, lambda i: len(i["workers"]) == 2 and i["updates"] >= 20, 60)
     assert len(info["workers"]) == 2 and info["updates"] >= 20, info
     workers[0].send_signal(sig)
     assert workers[0].wait(timeout=30) == 0, workers[0].communicate()[1][-3000:]
     err = workers[0].communicate()[1]
     assert "(interrupted)" in err and "Traceback" not in err, err[-3000:]
-    info = status()
+    info = status(address)
     assert len(info["workers"]) == 1, info  # left, not waiting to be dropped
-    before, deadline = info["updates"], time.monotonic() + 30
-    while time.monotonic() < deadline and info["updates"] < before + 20:
-        time.sleep(0.1)
-        info = status()
+    before = info["updates"]
+    info = wait_status(address, lambda i: i["updates"] >= before + 20, 30)
     assert info["updates"] >= before + 20, "bsp rounds stopped after the other worker left"
     assert workers[1].poll() is None
 
