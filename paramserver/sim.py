@@ -64,9 +64,16 @@ def worker_main(cfg, results, log_level="warning", kill_at: int = 0, reached=Non
             os.kill(os.getpid(), signal.SIGKILL)
 
     logsetup.setup(log_level)
+    # a graceful leave of --churn is decided on a status a look old, so its SIGTERM can come
+    # after this worker has ended by itself: outside the run it does nothing, and the result
+    # still reaches the report (during the run, run_worker's handler takes it: end the step
+    # and leave). Ignored once the run is over: interpreter shutdown puts a Python handler
+    # back to the default, which would kill the process, but leaves an ignored signal ignored.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        # SIGTERM (a graceful leave of --churn) and Ctrl-C: end the step and leave
-        results.put(dataclasses.asdict(run_worker(cfg, on_step=crash if kill_at else None, handle_signals=True)))
+        result = run_worker(cfg, on_step=crash if kill_at else None, handle_signals=True)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        results.put(dataclasses.asdict(result))
     except PSError as e:
         results.put({"error": str(e), "worker_id": cfg.worker_id})
         raise

@@ -191,6 +191,29 @@ def test_ctrl_c_or_sigterm_on_a_worker_makes_it_leave_at_once_and_the_run_goes_o
     assert workers[1].poll() is None
 
 
+def test_a_worker_signalled_while_it_leaves_by_itself_finishes_leaving():
+    """The first signal after joining never cuts a worker short, also when its loop has
+    already ended (its --max-steps reached as the signal comes) and it is saying goodbye;
+    before joining, or a second time, it stops at once."""
+    import zmq
+
+    from workers import WorkerConfig
+    from workers.trainer import Trainer
+
+    ctx = zmq.Context()
+    try:
+        trainer = Trainer(WorkerConfig(server="tcp://127.0.0.1:1"), ctx)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.interrupt("SIGTERM")  # nothing to leave yet
+        trainer.joined = True  # as after the loop has ended by itself, before `leave` goes out
+        trainer.interrupt("SIGTERM")
+        assert trainer.session.finish.wait(5) and trainer.interrupted == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            trainer.interrupt("SIGINT")
+    finally:
+        ctx.destroy(linger=0)
+
+
 @pytest.mark.parametrize("taken", [0, 1], ids=["coordinator port", "shard port"])
 def test_server_whose_port_is_taken_exits_with_the_error_and_leaves_nothing(procs, taken):
     port = free_port_block(3)

@@ -54,15 +54,15 @@ class Trainer:
         self.backoff = 0.0
         self.paced = 0.0  # the injected delay per step, once Pace has measured the full speed
         self.sent_before = self.received_before = 0  # bytes of the shard clients closed on rejoins
-        self.member = False  # joined and not yet leaving: a Ctrl-C or SIGTERM lets the loop finish
+        self.joined = False  # from here on a first Ctrl-C or SIGTERM lets the run end cleanly
         self.interrupted = ""  # the signal that asked the loop to end
 
     def interrupt(self, name: str) -> None:
         """Ctrl-C or SIGTERM (run_worker's handlers): the first, once joined, ends the loop
         before its next step (at once, if it comes while the task is set up) and the worker
-        leaves, as at --max-steps; a second, or one before joining (nothing to leave), stops
-        at once."""
-        if self.interrupted or not self.member:
+        leaves, as at --max-steps; one that comes as the worker leaves by itself lets it
+        finish leaving. A second, or one before joining (nothing to leave), stops at once."""
+        if self.interrupted or not self.joined:
             raise KeyboardInterrupt(name)
         self.interrupted = name
         log.warning("worker %s: %s: leaving after this step (Ctrl-C or SIGTERM again to stop at once)",
@@ -83,12 +83,11 @@ class Trainer:
                          server=self.cfg.server)
         # beat from the moment we are a member: building the task can take seconds
         self.session.start_heartbeats()
-        self.member = True
+        self.joined = True
         run = RunConfig.from_wire(joined.config)
         try:
             self._setup(run, joined)
         except BaseException:
-            self.member = False
             self.session.close()
             self.session.leave()  # refused here, not dropped: the server need not wait out our heartbeats
             if hasattr(self, "client"):  # its open sockets would block the context's term
@@ -98,7 +97,6 @@ class Trainer:
         started = time.monotonic()
         try:
             reason = self._loop(run)
-            self.member = False
             seconds = time.monotonic() - started
             self.session.leave()
             self.events.emit("leave", worker=self.session.worker_id, steps=self.steps, clock=self.clock, reason=reason)
